@@ -1,0 +1,173 @@
+"""Stage I: the alpha mix (Eq. 4), the schedule, the statistics, and short real runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import policies
+import stage1_sft_cotrain as stage1
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.95, 1.0])
+def test_realised_sim_fraction_matches_alpha(alpha):
+    rng = np.random.default_rng(123)
+    draws = np.concatenate([stage1.draw_global_batch(rng, alpha, 64)[0] for _ in range(300)])
+    n, k = draws.size, int(draws.sum())
+    if alpha in (0.0, 1.0):
+        assert k == alpha * n
+        return
+    # two-sided binomial test: the z-score of k under Binomial(n, alpha)
+    z = (k - n * alpha) / math.sqrt(n * alpha * (1 - alpha))
+    assert abs(z) < 4.0, f"sim fraction {k / n:.4f} is not alpha={alpha} (z={z:.1f})"
+
+
+def test_each_sample_is_drawn_independently_not_by_concatenation():
+    # per-sample sampling: the number of sim samples in a batch varies batch to batch
+    rng = np.random.default_rng(0)
+    counts = [stage1.draw_global_batch(rng, 0.5, 32)[0].sum() for _ in range(200)]
+    assert np.std(counts) > 1.5  # Binomial(32, 0.5) has std 2.83; a fixed split would have 0
+    positions = stage1.draw_global_batch(rng, 0.5, 10_000)[1]
+    assert positions.min() >= 0 and positions.max() < 1
+    assert abs(positions.mean() - 0.5) < 0.02
+
+
+def test_merge_stats_equals_pooled_statistics():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, size=(4000, 3))
+    b = rng.normal(2.0, 0.5, size=(1000, 3))
+
+    def stats(x):
+        return {"mean": x.mean(0), "std": x.std(0), "min": x.min(0), "max": x.max(0),
+                "q01": np.quantile(x, 0.01, axis=0), "q99": np.quantile(x, 0.99, axis=0)}
+
+    merged = stage1.merge_stats([stats(a), stats(b)], [len(a), len(b)])
+    both = np.concatenate([a, b])
+    np.testing.assert_allclose(merged["mean"], both.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(merged["std"], both.std(0), rtol=1e-10)
+    np.testing.assert_allclose(merged["min"], both.min(0))
+    np.testing.assert_allclose(merged["max"], both.max(0))
+    np.testing.assert_allclose(merged["q01"], np.minimum(stats(a)["q01"], stats(b)["q01"]))
+    np.testing.assert_allclose(merged["q99"], np.maximum(stats(a)["q99"], stats(b)["q99"]))
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    args = stage1.Args(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert stage1.lr_at(0, args) == pytest.approx(1e-4)
+    assert stage1.lr_at(9, args) == pytest.approx(1e-3)
+    assert stage1.lr_at(10, args) == pytest.approx(1e-3)
+    assert stage1.lr_at(60, args) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way down the cosine
+    assert stage1.lr_at(110, args) == pytest.approx(1e-4)
+    lrs = [stage1.lr_at(s, args) for s in range(10, 111)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+
+
+def test_augmentation_keeps_format_changes_pixels_and_is_seeded():
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    out1 = stage1.augment_images(images, torch.Generator().manual_seed(0))
+    out2 = stage1.augment_images(images, torch.Generator().manual_seed(0))
+    assert out1.shape == images.shape and out1.dtype == torch.uint8
+    assert torch.equal(out1, out2)
+    assert not torch.equal(out1, images)
+
+
+# ---- short runs on a small collected dataset (tests/conftest.py makes it) -----------------------
+
+def run_stage1(tmp_path, data, *extra, name="run"):
+    cmd = [sys.executable, str(ROOT / "stage1_sft_cotrain.py"), "--task", "open_drawer",
+           "--sim-data", str(data["sim"]), "--real-data", str(data["proxy_real"]),
+           "--runs-dir", str(tmp_path), "--run-name", name, "--device", "cpu",
+           "--eval-domains", "sim", "--eval-episodes", "1", "--eval-max-steps", "4",
+           "--eval-num-envs", "1", "--no-save-video", *extra]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp_path / name
+
+
+def read_metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["pi05", "openvla"])
+def test_short_run_lowers_loss_and_writes_loadable_checkpoint(tmp_path, tiny_data, kind):
+    run_dir = run_stage1(tmp_path, tiny_data, "--policy", kind, "--alpha", "0.5",
+                         "--total-steps", "60", "--batch-size", "16", "--lr", "1e-3",
+                         "--warmup-steps", "5", "--log-every", "10", "--eval-every", "0",
+                         "--no-augment", name=kind)
+    rows = read_metrics(run_dir)
+    first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
+    assert last < 0.7 * first, (first, last)
+    assert 0.2 < np.mean([r["train/sim_fraction"] for r in rows]) < 0.8
+    policy = policies.load_policy(run_dir / "checkpoints" / "final")
+    assert policy.kind == kind
+    assert policy.config["extra"]["stage"] == "stage1"
+    assert policy.config["extra"]["task"] == "open_drawer"
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["alpha"] == 0.5 and args["policy"] == kind
+
+
+@pytest.mark.e2e
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_data):
+    # constant learning rate, so a 5-step run resumed to 10 follows the 10-step run's schedule
+    common = ["--policy", "pi05", "--alpha", "0.5", "--batch-size", "8", "--lr", "1e-3",
+              "--warmup-steps", "0", "--min-lr-ratio", "1.0", "--log-every", "1", "--eval-every", "0"]
+    straight = run_stage1(tmp_path, tiny_data, *common, "--total-steps", "10", name="straight")
+    run_stage1(tmp_path, tiny_data, *common, "--total-steps", "5", name="resumed")
+    resumed = run_stage1(tmp_path, tiny_data, *common, "--total-steps", "10", "--resume", name="resumed")
+    a = {r["step"]: r["train/loss"] for r in read_metrics(straight)}
+    b = {r["step"]: r["train/loss"] for r in read_metrics(resumed)}
+    assert sorted(b) == list(range(1, 11))
+    np.testing.assert_allclose([b[s] for s in range(6, 11)], [a[s] for s in range(6, 11)], rtol=1e-5)
+    pa = policies.load_policy(straight / "checkpoints" / "final").state_dict()
+    pb = policies.load_policy(resumed / "checkpoints" / "final").state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_two_process_torchrun_matches_single_process_on_the_same_global_batch(tmp_path, tiny_data):
+    # openvla's SFT loss has no sampling noise, so the global batch fixes the gradient
+    common = ["--policy", "openvla", "--alpha", "0.5", "--batch-size", "8", "--total-steps", "1",
+              "--log-every", "1", "--eval-every", "0", "--no-augment", "--warmup-steps", "0"]
+    single = run_stage1(tmp_path, tiny_data, *common, name="single")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", str(ROOT / "stage1_sft_cotrain.py"), "--task", "open_drawer",
+           "--sim-data", str(tiny_data["sim"]), "--real-data", str(tiny_data["proxy_real"]),
+           "--runs-dir", str(tmp_path), "--run-name", "ddp", "--device", "cpu",
+           "--eval-domains", "sim", "--eval-episodes", "1", "--eval-max-steps", "4",
+           "--eval-num-envs", "1", "--no-save-video", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ddp = tmp_path / "ddp"
+    g_single = read_metrics(single)[0]["train/grad_norm"]
+    g_ddp = read_metrics(ddp)[0]["train/grad_norm"]
+    assert g_ddp == pytest.approx(g_single, rel=1e-4)
+    pa = policies.load_policy(single / "checkpoints" / "final").state_dict()
+    pb = policies.load_policy(ddp / "checkpoints" / "final").state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_clear_errors_for_missing_data_and_bad_alpha(tmp_path):
+    script = str(ROOT / "stage1_sft_cotrain.py")
+    out = subprocess.run([sys.executable, script, "--task", "open_drawer", "--sim-data",
+                          str(tmp_path / "nope"), "--real-data", str(tmp_path / "nope2"),
+                          "--runs-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "sim dataset not found" in out.stderr
+    assert "collect_demos.py" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, script, "--alpha", "1.5", "--runs-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "--alpha must lie in [0, 1]" in out.stderr
+    out = subprocess.run([sys.executable, script, "--task", "fly", "--runs-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown task" in out.stderr

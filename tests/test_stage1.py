@@ -105,7 +105,7 @@ def test_short_run_lowers_loss_and_writes_loadable_checkpoint(tmp_path, tiny_dat
                          "--no-augment", name=kind)
     rows = read_metrics(run_dir)
     first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.8 * first, (first, last)
     assert 0.2 < np.mean([r["train/sim_fraction"] for r in rows]) < 0.8
     policy = policies.load_policy(run_dir / "checkpoints" / "final")
     assert policy.kind == kind

@@ -1,0 +1,829 @@
+"""Success rates on identical initial states, the way the paper reports them (Sec. V).
+
+  proxy    evaluate checkpoints on the `proxy_real` domain: the same evaluation seeds for every
+           checkpoint, each repeat re-runs them with another policy sampling seed; prints the
+           paper's table (success %, mean +- std over repeats) and writes results/<name>.json/.md
+  serve    serve a checkpoint to a real robot over WebSocket with openpi's protocol (any
+           `openpi-client` runtime drives it); with --trials, keeps the operator's trial log
+  report   the same table from one or more trial/episode logs (results.jsonl)
+  offline  action error of a checkpoint on held-out real demos (a LeRobot v3.0 dataset)
+
+Every episode or trial is one JSON line {method, task, variant, repeat, seed, success, ...};
+`summarize` and `to_markdown` turn such lines into the table and are importable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import tyro
+
+STD_NAMES = {0: "population std", 1: "sample std"}
+
+
+class EvalError(ValueError):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The table: records -> mean +- std over repeats (pure functions, reused by other scripts)
+# ----------------------------------------------------------------------------------------------
+def _unique(xs):
+    return list(dict.fromkeys(xs))
+
+
+def _mean_std(values: list[float], ddof: int) -> tuple[float, float | None]:
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=ddof)) if len(values) > ddof else None
+    return mean, std
+
+
+def summarize(records: list[dict], ddof: int = 0) -> dict:
+    """Success-rate table from episode records (dicts with method, task, variant, repeat, success).
+
+    A cell's success rate is computed per repeat (100 * successes / episodes of that repeat), then
+    reported as mean and std over repeats; ddof=0 is the population std (half the spread of two
+    repeats), ddof=1 the sample std. Columns are tasks when there is one variant (Table I, with an
+    Avg column when there are several tasks), variants when there is one task (Table II, with the
+    relative drop from in_distribution), else "task / variant".
+    """
+    if not records:
+        raise EvalError("no episode records to summarize")
+    for i, r in enumerate(records):
+        missing = [k for k in ("method", "task", "variant", "repeat", "success") if k not in r]
+        if missing:
+            raise EvalError(f"record {i} lacks {missing}: {r}")
+    tasks = _unique(r["task"] for r in records)
+    variants = _unique(r["variant"] for r in records)
+
+    def col_of(r):
+        if len(variants) == 1:
+            return r["task"]
+        return r["variant"] if len(tasks) == 1 else f"{r['task']} / {r['variant']}"
+
+    groups = defaultdict(list)  # (method, column, repeat) -> [success, ...]
+    for r in records:
+        groups[(r["method"], col_of(r), int(r["repeat"]))].append(bool(r["success"]))
+    methods = _unique(r["method"] for r in records)
+    columns = _unique(col_of(r) for r in records)
+    with_avg = len(tasks) > 1
+    with_drop = len(tasks) == 1 and len(variants) > 1 and "in_distribution" in variants
+
+    rows = []
+    for m in methods:
+        rates = {}  # column -> {repeat: rate}
+        cells = {}
+        for c in columns:
+            reps = sorted(rep for (mm, cc, rep) in groups if mm == m and cc == c)
+            if not reps:
+                cells[c] = None
+                continue
+            rates[c] = {rep: 100.0 * float(np.mean(groups[(m, c, rep)])) for rep in reps}
+            mean, std = _mean_std(list(rates[c].values()), ddof)
+            cells[c] = {"mean": mean, "std": std,
+                        "per_repeat": {str(rep): rate for rep, rate in rates[c].items()},
+                        "episodes": {str(rep): len(groups[(m, c, rep)]) for rep in reps}}
+        if with_drop and cells.get("in_distribution"):
+            base = cells["in_distribution"]["mean"]
+            for c in columns:
+                if c != "in_distribution" and cells[c]:
+                    cells[c]["drop_pct"] = 100.0 * (base - cells[c]["mean"]) / base if base else None
+        if with_avg:
+            # Avg per repeat over the columns, then mean +- std over the repeats every column has.
+            common = set.intersection(*(set(rates.get(c, {})) for c in columns))
+            if common and all(cells[c] for c in columns):
+                per_rep = {rep: float(np.mean([rates[c][rep] for c in columns])) for rep in sorted(common)}
+                mean, std = _mean_std(list(per_rep.values()), ddof)
+                cells["Avg"] = {"mean": mean, "std": std,
+                                "per_repeat": {str(k): v for k, v in per_rep.items()}}
+            else:
+                cells["Avg"] = None
+        rows.append({"method": m, "cells": cells})
+    return {"columns": columns + (["Avg"] if with_avg else []), "rows": rows,
+            "std": STD_NAMES.get(ddof, f"std ddof={ddof}"),
+            "repeats": sorted({int(r["repeat"]) for r in records}),
+            "episodes": len(records)}
+
+
+def format_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    text = f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} +- {cell['std']:.1f}"
+    if cell.get("drop_pct") is not None:
+        text += f" ({-cell['drop_pct']:+.1f}%)"
+    return text
+
+
+def to_markdown(table: dict) -> str:
+    """The table in the paper's layout: rows = methods, columns = tasks or variants."""
+    head = ["method"] + table["columns"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"]:
+        lines.append("| " + " | ".join([row["method"]] + [format_cell(row["cells"].get(c))
+                                                          for c in table["columns"]]) + " |")
+    note = (f"Success rate (%), mean +- {table['std']} over {len(table['repeats'])} repeat(s); "
+            f"{table['episodes']} episodes in all.")
+    if any("drop_pct" in (c or {}) for r in table["rows"] for c in r["cells"].values()):
+        note += " In brackets: change relative to in_distribution."
+    return "\n".join(lines + ["", note]) + "\n"
+
+
+def write_table(table: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(table))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Results log: one JSON line per episode/trial, fsync'd, so a crash loses nothing
+# ----------------------------------------------------------------------------------------------
+def load_records(path: Path, repair: bool = False) -> list[dict]:
+    """Read a results .jsonl. A torn last line (process killed mid-write) is dropped with a
+    warning; with repair=True it is also cut from the file so that appends start on a clean line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records, good_end = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_end += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+            good_end += len(line) + 1
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # last line without newline: a write that never finished
+                print(f"warning: {path}: ignoring an unfinished last line ({len(line)} bytes)")
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(good_end)
+                        os.fsync(f.fileno())
+                break
+            raise EvalError(f"{path}:{i + 1}: not a JSON line: {line[:80]!r}")
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one line and fsync it: durable once this returns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy helpers
+# ----------------------------------------------------------------------------------------------
+def method_name(checkpoint: str) -> str:
+    """runs/<run>/checkpoints/final -> <run>; runs/<run>/checkpoints/<step> -> <run>@<step>."""
+    p = Path(checkpoint.replace("{task}", "").rstrip("/"))
+    if p.parent.name == "checkpoints":
+        run = p.parent.parent.name.strip("_-")
+        return run if p.name == "final" else f"{run}@{p.name}"
+    return p.name.strip("_-") or str(p)
+
+
+def check_checkpoint(path: str) -> None:
+    if not (Path(path) / "config.json").is_file() or not (Path(path) / "model.safetensors").is_file():
+        raise EvalError(f"{path} is not a checkpoint (expected config.json and model.safetensors there)")
+
+
+def load_checkpoint(path: str, device: str | None = None):
+    """policies.load_policy in eval mode on `device` (default: cuda when there is one, else cpu);
+    a bad path is one clear line."""
+    import policies
+    import torch
+
+    check_checkpoint(path)
+    try:
+        policy = policies.load_policy(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise EvalError(f"cannot load {path}: {e}") from None
+    return policy.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def policy_act_fn(policy, deterministic: bool, generator=None) -> Callable[[dict], np.ndarray]:
+    """obs -> actions [B, H, 7] (robot space). Sampling draws from `generator` (a seeded CPU
+    torch.Generator), not torch's global RNG, so an evaluation replays exactly."""
+    import torch
+
+    def act(obs: dict) -> np.ndarray:
+        with torch.no_grad():
+            actions = policy.act(obs, deterministic=deterministic, generator=generator)["actions"]
+        return actions.float().cpu().numpy()
+
+    return act
+
+
+def make_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(int(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# proxy: automatic evaluation on the proxy_real domain
+# ----------------------------------------------------------------------------------------------
+def rollout(env, act_fn: Callable[[dict], np.ndarray], seeds: list[int],
+            video_seeds: int = 0, desc: str = "") -> tuple[list[dict], dict]:
+    """One episode per seed, in batches of env.num_envs. act_fn(obs) -> actions [B, H, 7]; the
+    whole chunk is executed, rendering only at decision points. An episode ends at success or at
+    the time limit. Returns per-episode records and {seed: video frames} for the first
+    `video_seeds` seeds (one frame per decision, plus the final one)."""
+    from tqdm import tqdm
+
+    B = env.num_envs
+    records, videos = [], {}
+    bar = tqdm(total=len(seeds), desc=desc, unit="ep", leave=False, file=sys.stdout)
+    for start in range(0, len(seeds), B):
+        batch = seeds[start:start + B]
+        n = len(batch)
+        # A short last batch fills its spare sub-envs with copies; their results are dropped.
+        obs, _ = env.reset(seed=batch + [batch[-1]] * (B - n))
+        done = np.zeros(B, bool)
+        done[n:] = True
+        success = np.zeros(B, bool)
+        steps = np.zeros(B, int)
+        film = [i for i in range(n) if start + i < video_seeds]
+        for i in film:
+            videos[batch[i]] = []
+        while not done[:n].all():
+            for i in film:
+                if not done[i]:
+                    videos[batch[i]].append(obs["image"][i])
+            chunk = np.asarray(act_fn(obs), np.float32)
+            if chunk.ndim != 3 or chunk.shape[0] != B:
+                raise EvalError(f"policy returned actions of shape {chunk.shape}, expected [{B}, H, 7]")
+            H = chunk.shape[1]
+            for h in range(H):
+                action = np.where(done[:, None], 0.0, chunk[:, h]).astype(np.float32)
+                obs, _, terminated, truncated, info = env.step(action, render=h == H - 1)
+                live = ~done
+                success |= live & np.asarray(info["success"], bool)
+                steps += live
+                finished = live & (np.asarray(terminated) | np.asarray(truncated))
+                done |= finished
+                if any(finished[i] for i in film):
+                    frame = env.render_frame()
+                    for i in film:
+                        if finished[i]:
+                            videos[batch[i]].append(frame[i])
+                if done[:n].all():
+                    break
+        for i in range(n):
+            records.append({"seed": int(batch[i]), "success": bool(success[i]), "steps": int(steps[i])})
+        bar.update(n)
+    bar.close()
+    return records, videos
+
+
+def save_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(path, [np.asarray(f) for f in frames], fps=max(fps, 1.0), macro_block_size=1)
+
+
+@dataclasses.dataclass
+class ProxyArgs:
+    """Evaluate checkpoints on the proxy_real domain on identical initial states.
+
+    Every checkpoint runs the same evaluation seeds; repeat r samples the policy from a generator
+    seeded with --seed + r. Each policy decision renders the camera once and its whole action chunk
+    is executed. Writes <out-dir>/<name>.json, .md (the table), .episodes.jsonl (one line per
+    episode; `report` reads it) and a few videos under <out-dir>/videos/<name>/."""
+
+    checkpoint: list[str]
+    """checkpoint directories (one table row each). A path containing {task} is filled in per task (per-task checkpoints, e.g. runs/rlco_{task}/checkpoints/final); without it the same checkpoint is evaluated on every task."""
+    task: list[str] = dataclasses.field(default_factory=lambda: ["pick_and_place"])
+    """task(s); several give the Table I layout with an Avg column"""
+    variant: list[str] = dataclasses.field(default_factory=lambda: ["in_distribution"])
+    """variant(s): in_distribution, unseen_objects, unseen_states (Table II layout)"""
+    names: list[str] | None = None
+    """row names, one per checkpoint (default: the run's directory name)"""
+    episodes: int = 20
+    """evaluation episodes per repeat: initial states envs.eval_seeds(episodes), the same for all"""
+    repeats: int = 2
+    """times each setting is evaluated (the paper: 2); repeat r samples the policy with torch seed --seed + r, on the same initial states"""
+    seed: int = 0
+    """base policy-sampling seed"""
+    deterministic: bool = False
+    """act without sampling (greedy tokens / fixed-noise flow); repeats are then identical, since proxy_real's own noise is seeded by the episode seed"""
+    num_envs: int = 4
+    """parallel sub-envs per batch (results are reproducible for the same --seed and --num-envs)"""
+    image_size: int = 128
+    """camera resolution; use the one the checkpoint's demos were recorded at (make_env's default)"""
+    max_episode_steps: int | None = None
+    """override the task's time limit"""
+    device: str | None = None
+    """torch device of the policy (default: cuda when available, else cpu)"""
+    sim_backend: Literal["cpu", "gpu"] = "cpu"
+    """ManiSkill backend: cpu (sub-envs in worker processes) or gpu (one batched env)"""
+    videos: int = 2
+    """videos saved per checkpoint, task and variant (first repeat; one frame per decision)"""
+    name: str | None = None
+    """output name: results/<name>.json, .md, .episodes.jsonl (default: proxy_<tasks>_<variants>)"""
+    out_dir: str = "results"
+    """output directory"""
+    std_ddof: int = 0
+    """0: population std over repeats (numpy's default; half the spread of two repeats); 1: sample std"""
+
+
+def evaluate_setting(env, policy, args: ProxyArgs, seeds: list[int], meta: dict, log: Path,
+                     video_dir: Path) -> list[dict]:
+    """All repeats of one (checkpoint, task, variant) on the fixed seeds; logs each episode."""
+    records = []
+    for repeat in range(args.repeats):
+        act = policy_act_fn(policy, args.deterministic, make_generator(args.seed + repeat))
+        t0 = time.time()
+        eps, videos = rollout(env, act, seeds, video_seeds=args.videos if repeat == 0 else 0,
+                              desc=f"{meta['method']} {meta['task']} {meta['variant']} r{repeat}")
+        for e in eps:
+            records.append({**meta, "domain": "proxy_real", "repeat": repeat, "sampling_seed": args.seed + repeat,
+                            "deterministic": args.deterministic, **e})
+            append_record(log, records[-1])
+        wins = sum(e["success"] for e in eps)
+        print(f"  {meta['method']} | {meta['task']} | {meta['variant']} | repeat {repeat}: "
+              f"{100.0 * wins / len(eps):.1f}% ({wins}/{len(eps)}), {len(eps) / (time.time() - t0):.2f} episodes/s")
+        fps = env.control_freq / policy.chunk_size  # one frame per decision
+        for s, frames in videos.items():
+            ok = next(e["success"] for e in eps if e["seed"] == s)
+            save_video(frames, video_dir / f"{meta['method']}_{meta['task']}_{meta['variant']}_seed{s}_"
+                                           f"{'success' if ok else 'fail'}.mp4", fps)
+    return records
+
+
+def proxy(args: ProxyArgs) -> dict:
+    import envs
+
+    for t in args.task:
+        if t not in envs.TASKS:
+            raise EvalError(f"unknown task {t!r}; choose from {envs.TASKS}")
+    for v in args.variant:
+        if v not in envs.VARIANTS:
+            raise EvalError(f"unknown variant {v!r}; choose from {envs.VARIANTS}")
+    if args.names is not None and len(args.names) != len(args.checkpoint):
+        raise EvalError(f"--names has {len(args.names)} entries for {len(args.checkpoint)} checkpoints")
+    if min(args.episodes, args.repeats, args.num_envs) < 1:
+        raise EvalError("--episodes, --repeats and --num-envs must be >= 1")
+    for template in args.checkpoint:  # all of them, before minutes of evaluation
+        for t in args.task:
+            check_checkpoint(template.replace("{task}", t))
+    names = args.names or [method_name(c) for c in args.checkpoint]
+    if len(set(names)) != len(names):
+        raise EvalError(f"two checkpoints share the row name {names}; pass --names")
+    if args.deterministic and args.repeats > 1:
+        print("note: with --deterministic the repeats are identical (proxy_real's noise follows the episode seed)")
+    name = args.name or f"proxy_{'-'.join(args.task)}_{'-'.join(args.variant)}"
+    out = Path(args.out_dir) / name
+    log = out.with_suffix(".episodes.jsonl")
+    log.unlink(missing_ok=True)  # this run's raw episodes only
+    seeds = envs.eval_seeds(args.episodes)
+    records, t0 = [], time.time()
+    for task in args.task:
+        task_envs = {}  # one env per variant, shared by the checkpoints: building one takes seconds
+        try:
+            for template, method in zip(args.checkpoint, names):
+                path = template.replace("{task}", task)
+                print(f"[proxy] {method}: {path} on {task}")
+                policy = load_checkpoint(path, args.device)
+                for variant in args.variant:
+                    if variant not in task_envs:
+                        try:
+                            task_envs[variant] = envs.make_env(
+                                task, domain="proxy_real", variant=variant, num_envs=min(args.num_envs, args.episodes),
+                                image_size=args.image_size, sim_backend=args.sim_backend,
+                                max_episode_steps=args.max_episode_steps)
+                        except ValueError as e:  # make_env's checks of --image-size etc.
+                            raise EvalError(str(e)) from None
+                    meta = {"method": method, "checkpoint": path, "task": task, "variant": variant}
+                    records += evaluate_setting(task_envs[variant], policy, args, seeds, meta, log,
+                                                Path(args.out_dir) / "videos" / name)
+                del policy
+        finally:
+            for env in task_envs.values():
+                env.close()
+    elapsed = time.time() - t0
+    table = summarize(records, ddof=args.std_ddof)
+    table["episodes_per_s"] = len(records) / elapsed
+    print()
+    print(to_markdown(table))
+    print(f"{len(records)} episodes in {elapsed:.1f}s ({len(records) / elapsed:.2f} episodes/s, model loading "
+          f"and env set-up included); episode log: {log}")
+    write_table(table, out)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# serve: openpi-protocol WebSocket policy server, plus the operator's trial log
+# ----------------------------------------------------------------------------------------------
+class PolicyServer:
+    """openpi's protocol: on connect, a msgpack metadata dict; then each binary msgpack
+    observation dict gets {"actions": float32 [H, 7] in the robot's action space, "server_timing"}.
+    A malformed request gets a text frame with the reason and the connection stays usable."""
+
+    def __init__(self, policy, image_key: str, state_key: str, prompt_key: str,
+                 default_prompt: str | None, deterministic: bool, seed: int, metadata: dict):
+        self.image_key, self.state_key, self.prompt_key = image_key, state_key, prompt_key
+        self.default_prompt, self.metadata = default_prompt, metadata
+        self.state_dim = policy.state_dim
+        # Sampling draws from one generator, reseeded with episode_seed whenever an episode starts
+        # (a client connects, or the operator starts a trial): an episode replays exactly.
+        self.episode_seed = seed
+        self.generator = make_generator(seed)
+        self.act = policy_act_fn(policy, deterministic, self.generator)
+        self.lock = threading.Lock()  # one inference at a time; the policy is not thread-safe
+        self.requests = 0  # answered requests, for the trial log
+        self.errors = 0
+
+    def to_obs(self, msg) -> dict:
+        """A client's observation dict -> our batched obs dict (B = 1)."""
+        if not isinstance(msg, dict):
+            raise EvalError(f"expected a msgpack map (dict), got {type(msg).__name__}")
+        missing = [k for k in (self.image_key, self.state_key) if k not in msg]
+        if missing:
+            raise EvalError(f"missing key(s) {missing}; got keys {sorted(map(str, msg))} "
+                            f"(map yours with --image-key/--state-key)")
+        image = np.asarray(msg[self.image_key])
+        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+            image = image.transpose(1, 2, 0)  # CHW -> HWC
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise EvalError(f"{self.image_key!r} must be a uint8 image [H, W, 3], got "
+                            f"{image.dtype} {list(image.shape)}")
+        try:
+            state = np.asarray(msg[self.state_key], dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"{self.state_key!r} is not numeric: {e}") from None
+        if state.shape[0] != self.state_dim or not np.isfinite(state).all():
+            raise EvalError(f"{self.state_key!r} must be {self.state_dim} finite floats (tcp xyz, quaternion "
+                            f"wxyz, gripper), got {state.shape[0]} values: {state.tolist()[:12]}")
+        prompt = msg.get(self.prompt_key, self.default_prompt)
+        if isinstance(prompt, bytes):
+            prompt = prompt.decode()
+        if not isinstance(prompt, str) or not prompt:
+            raise EvalError(f"missing instruction: send {self.prompt_key!r} or start the server with --prompt")
+        return {"image": np.ascontiguousarray(image)[None], "state": state[None], "instruction": [prompt]}
+
+    def handle(self, ws) -> None:
+        from openpi_client import msgpack_numpy
+        from websockets.exceptions import ConnectionClosed
+
+        peer = ws.remote_address
+        print(f"[serve] client {peer} connected")
+        with self.lock:
+            self.generator.manual_seed(self.episode_seed)
+        try:
+            ws.send(msgpack_numpy.packb(self.metadata))
+            for message in ws:
+                try:
+                    if isinstance(message, str):
+                        raise EvalError("expected a binary msgpack frame, got a text frame")
+                    try:
+                        msg = msgpack_numpy.unpackb(message)
+                    except Exception as e:  # any decoding failure is the client's
+                        raise EvalError(f"not a msgpack observation ({type(e).__name__}: {e})") from None
+                    obs = self.to_obs(msg)
+                    with self.lock:
+                        t0 = time.perf_counter()
+                        actions = self.act(obs)[0]
+                        infer_ms = 1000 * (time.perf_counter() - t0)
+                        self.requests += 1
+                    ws.send(msgpack_numpy.packb({"actions": actions.astype(np.float32),
+                                                 "server_timing": {"infer_ms": infer_ms}}))
+                except EvalError as e:
+                    self.errors += 1
+                    print(f"[serve] bad request from {peer}: {e}")
+                    ws.send(f"bad request: {e}")
+                except ConnectionClosed:
+                    raise
+                except Exception as e:  # the policy failed: tell the robot, keep serving
+                    self.errors += 1
+                    traceback.print_exc()
+                    ws.send(f"server error: {type(e).__name__}: {e}")
+            print(f"[serve] client {peer} closed the connection")
+        except ConnectionClosed as e:
+            why = e.rcvd or e.sent
+            print(f"[serve] client {peer} dropped ({why.code if why else 'no close frame'}"
+                  f"{': ' + why.reason if why and why.reason else ''})")
+
+    def start(self, host: str, port: int, max_message_mb: float):
+        """Listen in a background thread; returns the websockets server (.shutdown() stops it).
+        GET /healthz answers 200 "OK" without opening a WebSocket."""
+        from websockets.sync.server import serve
+
+        def process_request(connection, request):
+            if request.path == "/healthz":
+                return connection.respond(200, "OK\n")
+            return None
+
+        try:
+            server = serve(self.handle, host, port, compression=None, process_request=process_request,
+                           max_size=int(max_message_mb * 2**20))
+        except OSError as e:  # port taken, unknown host
+            raise EvalError(f"cannot listen on {host}:{port}: {e}") from None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def load_plan(path: Path) -> list[dict]:
+    """Trial plan -> one entry per (trial, repeat), in repeat-major order.
+
+    {"task": "open_drawer", "variant": "in_distribution", "repeats": 2,
+     "trials": [{"id": "01", "setup": "drawer closed, 10 cm left of the mark", "seed": 1000000}, ...]}
+    A trial may override task and variant; id defaults to its position."""
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvalError(f"trial plan {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise EvalError(f"trial plan {path} is not valid JSON: {e}") from None
+    if isinstance(plan, list):
+        plan = {"trials": plan}
+    if not isinstance(plan, dict) or not isinstance(plan.get("trials"), list) or not plan["trials"]:
+        raise EvalError(f"trial plan {path} needs a non-empty \"trials\" list")
+    repeats = plan.get("repeats", 1)
+    if not isinstance(repeats, int) or repeats < 1:
+        raise EvalError(f"trial plan {path}: \"repeats\" must be a positive integer")
+    trials, ids = [], set()
+    for i, t in enumerate(plan["trials"]):
+        if not isinstance(t, dict) or "setup" not in t:
+            raise EvalError(f"trial plan {path}: trial {i} needs a \"setup\" description")
+        trial = {"trial": str(t.get("id", i)), "setup": str(t["setup"]), "seed": t.get("seed"),
+                 "task": t.get("task", plan.get("task")),
+                 "variant": t.get("variant", plan.get("variant", "in_distribution"))}
+        if not trial["task"]:
+            raise EvalError(f"trial plan {path}: trial {i} has no task (set \"task\" in the plan or the trial)")
+        if trial["trial"] in ids:
+            raise EvalError(f"trial plan {path}: duplicate trial id {trial['trial']!r}")
+        ids.add(trial["trial"])
+        trials.append(trial)
+    return [{**t, "repeat": r} for r in range(repeats) for t in trials]
+
+
+def trial_key(r: dict) -> tuple:
+    return (r["method"], r["task"], r["variant"], str(r["trial"]), int(r["repeat"]))
+
+
+def ask(prompt: str, answers: dict[str, object]):
+    while True:
+        reply = input(prompt).strip().lower()
+        if reply in answers:
+            return answers[reply]
+        print(f"  please answer one of {'/'.join(answers)}")
+
+
+def run_trials(server: PolicyServer, plan_path: Path, results: Path, method: str, checkpoint: str,
+               seed: int) -> None:
+    """The operator's loop: show each set-up, serve its episode, record success. Resumable."""
+    plan = load_plan(plan_path)
+    done = {trial_key(r) for r in load_records(results, repair=True) if "trial" in r}
+    todo = [t for t in plan if trial_key({**t, "method": method}) not in done]
+    print(f"[trials] {len(plan)} trials in {plan_path}, {len(plan) - len(todo)} already in {results}, "
+          f"{len(todo)} to go")
+    yes_no = {"y": True, "yes": True, "n": False, "no": False, "q": None}
+    for k, t in enumerate(todo):
+        with server.lock:
+            server.episode_seed = seed + t["repeat"]  # as proxy: repeat r samples with seed + r
+            server.generator.manual_seed(server.episode_seed)
+            start_requests = server.requests
+        mirrors = f", mirrors sim seed {t['seed']}" if t["seed"] is not None else ""
+        print(f"\n[trial {len(plan) - len(todo) + k + 1}/{len(plan)}] id {t['trial']}, repeat {t['repeat'] + 1}, "
+              f"task {t['task']} ({t['variant']}){mirrors}")
+        print(f"  set-up: {t['setup']}")
+        print("  Set the scene up, run the episode with the robot client, then answer.")
+        success = ask("  success? [y/n, q to stop] ", yes_no)
+        if success is None:
+            print("[trials] stopped; rerun the same command to continue")
+            return
+        note = input("  note (optional): ").strip()
+        requests = server.requests - start_requests
+        if requests == 0:
+            print("  warning: no requests were served during this trial (is the robot client connected?)")
+        append_record(results, {"method": method, "checkpoint": checkpoint, "domain": "real", **t,
+                                "success": success, "note": note, "requests": requests,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        print(f"  recorded ({requests} requests served)")
+    print(f"\n[trials] all {len(plan)} trials recorded in {results}")
+    print(to_markdown(summarize([r for r in load_records(results) if r.get("method") == method])))
+
+
+@dataclasses.dataclass
+class ServeArgs:
+    """Serve a checkpoint to a robot over WebSocket (openpi's protocol), optionally with a trial log.
+
+    Any openpi-client runtime connects unchanged: it gets a metadata dict, sends msgpack observation
+    dicts and receives {"actions": [H, 7] in the robot's action space, "server_timing"}. A malformed
+    request gets a text frame and the server goes on. GET /healthz answers "OK". With --trials the
+    console walks the operator through a plan of initial states (a JSON file with task, variant,
+    repeats and trials, each trial with id, setup and the sim seed it mirrors): each trial shows its
+    set-up, serves the episode, asks success y/n and a note, and appends the result, fsync'd, to the
+    results log; a rerun skips the trials already there."""
+
+    checkpoint: str
+    """checkpoint directory"""
+    host: str = "0.0.0.0"
+    """interface to listen on"""
+    port: int = 8000
+    """port (0: any free port)"""
+    image_key: str = "observation/image"
+    """client observation key of the third-person camera image (uint8 [H, W, 3] or [3, H, W])"""
+    state_key: str = "observation/state"
+    """client observation key of the robot state (8 floats: tcp xyz, quaternion wxyz, gripper)"""
+    prompt_key: str = "prompt"
+    """client observation key of the language instruction"""
+    prompt: str | None = None
+    """instruction used when a request carries none"""
+    deterministic: bool = False
+    """act without sampling; by default the policy samples from a generator seeded when an episode starts (a client connects, or a trial starts): --seed, and --seed + repeat in trials, as `proxy` does"""
+    seed: int = 0
+    """base policy-sampling seed"""
+    max_message_mb: float = 16.0
+    """largest request accepted; a bigger one closes that connection (code 1009), not the server"""
+    trials: str | None = None
+    """trial plan (JSON): initial states to run, see load_plan; without it the server just serves"""
+    results: str = "results/real_trials.jsonl"
+    """trial log; one fsync'd line per trial, trials already there are skipped on a rerun"""
+    name: str | None = None
+    """method name in the log and table (default: the run's directory name)"""
+    device: str | None = None
+    """torch device of the policy (default: cuda when available, else cpu)"""
+
+
+def serve(args: ServeArgs) -> None:
+    if args.trials:
+        load_plan(Path(args.trials))  # a bad plan fails before the model loads
+    policy = load_checkpoint(args.checkpoint, args.device)
+    method = args.name or method_name(args.checkpoint)
+    metadata = {"policy": policy.kind, "method": method, "checkpoint": str(args.checkpoint),
+                "task": (policy.config.get("extra") or {}).get("task"), "action_horizon": policy.chunk_size,
+                "action_dim": policy.action_dim, "state_dim": policy.state_dim,
+                "action_space": "end-effector delta pose + gripper (pd_ee_delta_pose), de-normalized",
+                "obs_keys": {"image": args.image_key, "state": args.state_key, "prompt": args.prompt_key},
+                "deterministic": args.deterministic}
+    server = PolicyServer(policy, args.image_key, args.state_key, args.prompt_key, args.prompt,
+                          args.deterministic, args.seed, metadata)
+    ws_server = server.start(args.host, args.port, args.max_message_mb)
+    port = ws_server.socket.getsockname()[1]
+    print(f"[serve] {method} ({metadata['policy']}, horizon {metadata['action_horizon']}) on ws://{args.host}:{port}; "
+          f"health check: http://{args.host}:{port}/healthz", flush=True)
+    try:
+        if args.trials:
+            run_trials(server, Path(args.trials), Path(args.results), method, str(args.checkpoint), args.seed)
+        else:
+            while True:
+                time.sleep(3600)
+    except (KeyboardInterrupt, EOFError):
+        print("\n[serve] stopped; every recorded trial is on disk")
+    finally:
+        ws_server.shutdown()
+        print(f"[serve] {server.requests} requests served, {server.errors} errors")
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ReportArgs:
+    """Print the success table from results logs (real trials or proxy episodes)."""
+
+    results: tyro.conf.Positional[list[str]]
+    """one or more results .jsonl files"""
+    std_ddof: int = 0
+    """0: population std over repeats (numpy's default); 1: sample std"""
+    out: str | None = None
+    """also write the table to <out>.json and <out>.md"""
+
+
+def report(args: ReportArgs) -> dict:
+    records = []
+    for p in args.results:
+        if not Path(p).exists():
+            raise EvalError(f"{p} not found")
+        records += load_records(Path(p))
+    table = summarize(records, ddof=args.std_ddof)
+    print(to_markdown(table))
+    if args.out:
+        write_table(table, Path(args.out))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# offline: action error on held-out real demos
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class OfflineArgs:
+    """Action error of a checkpoint on held-out real demos (a LeRobot v3.0 dataset).
+
+    Per action dimension: L1 between the predicted (deterministic) and demonstrated action chunks,
+    in robot units and in the policy's normalized [-1, 1] units; for openvla also the share of
+    action tokens equal to the demo's."""
+
+    checkpoint: str
+    """checkpoint directory"""
+    data: str
+    """LeRobot v3.0 dataset folder of held-out real demos"""
+    image_key: str = "observation.images.front"
+    """dataset feature holding the camera image"""
+    state_key: str = "observation.state"
+    """dataset feature holding the robot state"""
+    action_key: str = "action"
+    """dataset feature holding the action"""
+    batch_size: int = 16
+    """frames per forward pass"""
+    max_frames: int | None = None
+    """evaluate only the first N frames"""
+    out: str | None = None
+    """write the metrics as JSON here (default: results/offline_<method>_<dataset>.json)"""
+    device: str | None = None
+    """torch device of the policy (default: cuda when available, else cpu)"""
+
+
+def offline(args: OfflineArgs) -> dict:
+    """Per-dimension mean |predicted - demo action| over every valid step of every predicted chunk,
+    in the robot's units and in the policy's normalized [-1, 1] units; for openvla also the share
+    of action tokens equal to the demo's tokens. The policy acts deterministically (greedy tokens /
+    the fixed-noise flow), so the numbers are reproducible."""
+    import torch
+    from tqdm import tqdm
+
+    import demos
+
+    policy = load_checkpoint(args.checkpoint, args.device)
+    try:
+        ds = demos.LeRobotDataset(args.data, chunk_size=policy.chunk_size, image_key=args.image_key,
+                                  state_key=args.state_key, action_key=args.action_key)
+        demos.check_dims(ds, policy)
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    if args.max_frames is not None and args.max_frames < 1:
+        raise EvalError("--max-frames must be >= 1")
+    n = len(ds) if args.max_frames is None else min(len(ds), args.max_frames)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=args.batch_size,
+                                         collate_fn=demos.collate)
+    A, dev = policy.action_dim, policy.device
+    l1, l1_norm, token_hits = (torch.zeros(A, device=dev) for _ in range(3))
+    steps = 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="offline", unit="batch", file=sys.stdout):
+            out = policy.act(batch, deterministic=True)
+            pred, target = out["actions"].float(), batch["actions"].float().to(dev)
+            mask = batch["action_mask"][..., None].float().to(dev)  # no target past an episode's end
+            l1 += ((pred - target).abs() * mask).sum((0, 1))
+            l1_norm += ((policy.normalize_actions(pred) - policy.normalize_actions(target)).abs() * mask).sum((0, 1))
+            if "action_tokens" in out:
+                want = policy.actions_to_tokens(policy.normalize_actions(target))
+                token_hits += ((out["action_tokens"].view_as(want) == want).float() * mask).sum((0, 1))
+            steps += int(mask.sum())
+    names = demos.ACTION_NAMES if A == len(demos.ACTION_NAMES) else [f"a{i}" for i in range(A)]
+    metrics = {"l1": l1.cpu() / steps, "l1_normalized": l1_norm.cpu() / steps}
+    if policy.kind == "openvla":
+        metrics["token_accuracy"] = token_hits.cpu() / steps
+    result = {"checkpoint": args.checkpoint, "data": args.data, "frames": n, "action_steps": steps,
+              "policy": policy.kind, "chunk_size": policy.chunk_size}
+    for key, per_dim in metrics.items():
+        result[key] = dict(zip(names, per_dim.tolist()))
+        result[key + "_mean"] = float(per_dim.mean())
+    print(f"\n{n} frames, {steps} action steps of {policy.kind} chunks (H = {policy.chunk_size})")
+    print("| dim | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics))
+    for i, dim in enumerate(names):
+        print(f"| {dim} | " + " | ".join(f"{m[i]:.4f}" for m in metrics.values()) + " |")
+    print("| mean | " + " | ".join(f"{m.mean():.4f}" for m in metrics.values()) + " |")
+    out = Path(args.out or f"results/offline_{method_name(args.checkpoint)}_{Path(args.data).name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+COMMANDS = {"proxy": (ProxyArgs, proxy), "serve": (ServeArgs, serve), "report": (ReportArgs, report),
+            "offline": (OfflineArgs, offline)}
+
+
+def main(argv: list[str] | None = None):
+    args = tyro.extras.subcommand_cli_from_dict({k: cls for k, (cls, _) in COMMANDS.items()},
+                                                 description=__doc__.split("\n\n")[0], args=argv)
+    fn = next(f for cls, f in COMMANDS.values() if isinstance(args, cls))
+    try:
+        return fn(args)
+    except EvalError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

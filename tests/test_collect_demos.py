@@ -1,0 +1,144 @@
+"""collect_demos.py: teleoperation-like variability, paper defaults, refusals, and a collection
+that is killed twice and resumed to the same dataset an uninterrupted run makes."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import collect_demos
+import demos
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_teleop_noise_statistics():
+    """The AR(1) drift (rho 0.9, std sigma) plus white jitter (std sigma / 3): the std of the
+    motion is sigma * sqrt(1 + 1/9) and its lag-1 autocorrelation 0.9 / (1 + 1/9) = 0.81."""
+    sigma = 0.1
+    noise = collect_demos.TeleopNoise(np.random.default_rng(0), sigma, (1.0, 1.0), pause_prob=0.0)
+    expert = np.array([0, 0, 0, 0, 0, 0, -1], np.float32)
+    motion = np.stack([noise(expert) for _ in range(40_000)])
+    assert (motion[:, 6] == -1).all()  # the gripper command is the expert's
+    x = motion[:, :6]
+    assert np.std(x) == pytest.approx(sigma * np.sqrt(1 + 1 / 9), rel=0.03)
+    lag1 = np.mean([np.corrcoef(x[:-1, d], x[1:, d])[0, 1] for d in range(6)])
+    assert lag1 == pytest.approx(0.9 / (1 + 1 / 9), abs=0.02)
+
+
+def test_teleop_speed_pauses_and_clipping():
+    expert = np.array([0.5, -0.25, 0.1, 0.0, 0.2, -0.9, 1.0], np.float32)
+    slow = collect_demos.TeleopNoise(np.random.default_rng(1), 0.0, (0.6, 1.0), pause_prob=0.0)
+    out = np.stack([slow(expert) for _ in range(20)])
+    assert 0.6 <= slow.speed <= 1.0
+    np.testing.assert_allclose(out[:, :6], np.tile(slow.speed * expert[:6], (20, 1)), rtol=1e-6)
+    paused = collect_demos.TeleopNoise(np.random.default_rng(2), 0.1, (1.0, 1.0), pause_prob=1.0)
+    out = np.stack([paused(expert) for _ in range(10)])
+    assert (out[:, :6] == 0).all() and (out[:, 6] == 1).all()
+    wild = collect_demos.TeleopNoise(np.random.default_rng(3), 5.0, (1.0, 1.0), pause_prob=0.0)
+    out = np.stack([wild(expert) for _ in range(200)])
+    assert out.min() >= -1 and out.max() <= 1 and (np.abs(out[:, :6]) == 1).any()
+    # the same attempt seed gives the same variability
+    a = collect_demos.TeleopNoise(np.random.default_rng([0, 7]), 0.1, (0.6, 1.0), 0.03)
+    b = collect_demos.TeleopNoise(np.random.default_rng([0, 7]), 0.1, (0.6, 1.0), 0.03)
+    np.testing.assert_array_equal([a(expert) for _ in range(30)], [b(expert) for _ in range(30)])
+
+
+def test_paper_defaults():
+    sim = collect_demos.resolve_defaults(collect_demos.Args(task="push_cube", domain="sim"))
+    assert (sim.num_episodes, sim.teleop, sim.out, sim.image_size) == (1000, False, "data/push_cube/sim", 128)
+    real = collect_demos.resolve_defaults(collect_demos.Args(task="push_cube", domain="proxy_real"))
+    assert (real.num_episodes, real.teleop, real.out) == (50, True, "data/push_cube/proxy_real")
+    assert real.first_attempt != sim.first_attempt  # real and sim demos start from other states
+    assert sim.num_envs == os.cpu_count()
+    with pytest.raises(SystemExit):
+        collect_demos.resolve_defaults(collect_demos.Args(task="fold_laundry"))
+
+
+def test_refuses_a_folder_holding_something_else(tmp_path, capsys):
+    (tmp_path / "paper.pdf").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        collect_demos.main(collect_demos.Args(out=str(tmp_path), num_episodes=2, image_size=64))
+    assert exit_info.value.code == 2
+    assert "not a LeRobot dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paper.pdf"]  # untouched
+
+
+def test_refuses_to_continue_with_other_settings(tmp_path, tiny_data, capsys):
+    out = tmp_path / "sim"
+    shutil.copytree(tiny_data["sim"], out)
+    with pytest.raises(SystemExit):
+        collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=9, image_size=32))
+    err = capsys.readouterr().err
+    assert "other settings" in err and "image_size" in err
+    # a LeRobot dataset of the same layout that this script did not make
+    writer = demos.LeRobotWriter(tmp_path / "other", fps=10, image_shape=(64, 64, 3))
+    writer.add_episode(np.zeros((3, 64, 64, 3), np.uint8), np.zeros((3, 8)), np.zeros((3, 7)), "open the drawer")
+    with pytest.raises(SystemExit):
+        collect_demos.main(collect_demos.Args(task="open_drawer", out=str(tmp_path / "other"), image_size=64))
+    assert "did not make" in capsys.readouterr().err
+    assert demos.LeRobotDataset(tmp_path / "other").num_episodes == 1
+
+
+def run_until(cmd, out: Path, at_least: int, sig, timeout=300):
+    """Start a collection; once the dataset holds at_least episodes, send it sig."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            info = out / "meta/info.json"
+            if info.exists() and json.loads(info.read_text())["total_episodes"] >= at_least:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # env workers left behind by SIGKILL
+        except ProcessLookupError:
+            pass
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.e2e
+def test_killed_collection_resumes_to_the_same_dataset(tmp_path, tiny_data):
+    out = tmp_path / "sim"
+    # the settings of tiny_data["sim"] (conftest), with 5 episodes; the last run uses 2 envs in
+    # parallel (the number of envs is not a setting of the dataset: it changes nothing in it)
+    cmd = [sys.executable, "collect_demos.py", "--task", "open_drawer", "--domain", "sim",
+           "--num-episodes", "5", "--out", str(out), "--image-size", "64", "--num-envs", "1"]
+    code, _, _ = run_until(cmd, out, 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    first = demos.LeRobotDataset(out)
+    assert 1 <= first.num_episodes < 5
+    code, _, err = run_until(cmd, out, first.num_episodes + 1, signal.SIGINT)
+    if code != 0:  # it may have finished before the signal landed
+        assert code == 130 and "run the same command to continue" in err, err[-2000:]
+    second = demos.LeRobotDataset(out)
+    assert first.num_episodes < second.num_episodes <= 5
+    done = subprocess.run(cmd[:-1] + ["2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ds = demos.LeRobotDataset(out)
+    seeds = pq.read_table(out / demos.EPISODES_PATH)["seed"].to_pylist()
+    assert ds.num_episodes == 5 and len(seeds) == len(set(seeds)) and seeds == sorted(seeds)
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["total_episodes"] == 5 and info["total_frames"] == len(ds) and info["fps"] == 10
+    # the uninterrupted 1-env collection of conftest made the same first 4 episodes
+    ref = demos.LeRobotDataset(tiny_data["sim"])
+    assert pq.read_table(tiny_data["sim"] / demos.EPISODES_PATH)["seed"].to_pylist() == seeds[:4]
+    n = len(ref)
+    np.testing.assert_array_equal(ds.states[:n], ref.states)
+    np.testing.assert_array_equal(ds.actions[:n], ref.actions)
+    for i in range(0, n, 7):
+        np.testing.assert_array_equal(ds[i]["image"], ref[i]["image"])
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout

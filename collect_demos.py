@@ -64,8 +64,7 @@ class Args:
     teleop_pause_prob: float = 0.03
     """per-step probability that the teleoperator pauses for 2-5 steps"""
     first_attempt: Optional[int] = None
-    """index of the first training seed used (default: 0 for sim, 500000 for proxy_real, so the two
-    datasets start from different initial states)"""
+    """index of the first training seed used (default: 0 for sim, 500000 for proxy_real: other initial states)"""
     max_episode_steps: Optional[int] = None
     """time limit of an attempt (default: the task's)"""
     seed: int = 0

@@ -716,27 +716,33 @@ class AlphaMixer:
     holds the generator state: load_state_dict() on a fresh mixer reproduces the same batches.
     """
 
-    def __init__(self, sim_ds, real_ds, alpha: float, batch_size: int, seed: int):
+    def __init__(self, sim_ds, real_ds, alpha: float, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if alpha > 0 and not sim_ds:
             raise ValueError(f"alpha = {alpha} draws sim samples, but the sim dataset is missing or empty")
         if alpha < 1 and not real_ds:
             raise ValueError(f"alpha = {alpha} draws real samples, but the real dataset is missing or empty")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size must be >= 1 and divisible by {world_size} processes, got {batch_size}")
+        # under torchrun every rank draws the same global batch and loads only its own slice, so
+        # N processes train on exactly the samples one process with the global batch would
+        share = batch_size // world_size
+        self.mine = slice(rank * share, (rank + 1) * share)
         self.sim_ds, self.real_ds = sim_ds, real_ds
         self.alpha, self.batch_size = float(alpha), int(batch_size)
         self.rng = np.random.default_rng(seed)
         self.batches_drawn = 0
 
     def next_batch(self):
-        """(batch as collate() makes it, is_sim bool [B])."""
+        """(this process's part of the batch as collate() makes it, is_sim bool [B] of the
+        whole global batch)."""
         # the same random numbers are drawn whatever alpha is, so runs differ only in the mix
         is_sim = self.rng.random(self.batch_size) < self.alpha        # Eq. 4: P(sim) = alpha
         position = self.rng.random(self.batch_size)                    # uniform within a dataset
         samples = []
-        for from_sim, u in zip(is_sim, position):
+        for from_sim, u in zip(is_sim[self.mine], position[self.mine]):
             ds = self.sim_ds if from_sim else self.real_ds
             samples.append(ds[min(int(u * len(ds)), len(ds) - 1)])
         self.batches_drawn += 1

@@ -169,15 +169,6 @@ def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def draw_global_batch(rng: np.random.Generator, alpha: float, batch_size: int):
-    """Eq. 4 by sampling: every sample of the global batch comes from sim with probability alpha
-    and from real with probability 1 - alpha, independently. Returns the source flags and, per
-    sample, a uniform position in [0, 1) within its dataset (frame = int(u * len(dataset)))."""
-    from_sim = rng.random(batch_size) < alpha
-    position = rng.random(batch_size)
-    return from_sim, position
-
-
 def lr_at(step: int, args: Args) -> float:
     """Linear warm-up to --lr, then cosine decay to min_lr_ratio * --lr."""
     if step < args.warmup_steps:
@@ -335,14 +326,16 @@ def main(args: Args):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
-    sampler_rng = np.random.default_rng(args.seed)            # same on every rank: the global batch
+    # Eq. 4: each sample from sim with probability alpha; the same global batch on every rank
+    mixer = demos.AlphaMixer(sim_ds, real_ds, args.alpha, args.batch_size, args.seed,
+                             rank=rank, world_size=world_size)
     augment_rng = torch.Generator().manual_seed(args.seed + 1000 * rank)
     start_step, best_score = 0, -1.0
 
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
-        sampler_rng.bit_generator.state = state["sampler_rng"]
+        mixer.load_state_dict(state["mixer"])
         augment_rng.set_state(state["augment_rng"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         start_step, best_score = state["step"], state["best_score"]
@@ -357,7 +350,7 @@ def main(args: Args):
             aug, trng = [None] * world_size, [None] * world_size
             dist.all_gather_object(aug, augment_rng.get_state())
             dist.all_gather_object(trng, torch.get_rng_state())
-        return {"optimizer": optimizer.state_dict(), "sampler_rng": sampler_rng.bit_generator.state,
+        return {"optimizer": optimizer.state_dict(), "mixer": mixer.state_dict(),
                 "augment_rng": aug, "torch_rng": trng, "step": step, "best_score": best_score}
 
     extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "args": asdict(args)}
@@ -407,17 +400,12 @@ def main(args: Args):
             save_checkpoint(policy, ckpt_root / "final", {**extra, "step": step, **scores}, None)
 
     # ---- training loop --------------------------------------------------------------------------
-    per_rank = args.batch_size // world_size
     step = start_step
     progress = tqdm(total=args.total_steps, initial=start_step, disable=not is_main, desc="Stage I")
     t_window, n_window, sim_window = time.time(), 0, []
     try:
         while step < args.total_steps:
-            from_sim, position = draw_global_batch(sampler_rng, args.alpha, args.batch_size)
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share
-            samples = [sim_ds[int(u * len(sim_ds))] if s else real_ds[int(u * len(real_ds))]
-                       for s, u in zip(from_sim[mine], position[mine])]
-            batch = demos.collate(samples)
+            batch, from_sim = mixer.next_batch()
             if args.augment:
                 batch["image"] = augment_images(batch["image"], augment_rng)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

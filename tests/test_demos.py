@@ -19,9 +19,7 @@ import torch
 import demos
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = Path("/work/shared/fixtures/lerobot-v3-so101-real")
-if not FIXTURE.exists():
-    FIXTURE = ROOT.parent / "shared/fixtures/lerobot-v3-so101-real"
+FIXTURE = ROOT.parent / "shared/fixtures/lerobot-v3-so101-real"  # a real lerobot-record dataset
 SIZE = 32
 
 

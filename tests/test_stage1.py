@@ -10,33 +10,56 @@ import numpy as np
 import pytest
 import torch
 
+import demos
 import policies
 import stage1_sft_cotrain as stage1
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class FakeDemos:
+    """A dataset stand-in whose samples say where they came from (state[0]: 0 sim, 1 real)."""
+
+    def __init__(self, source, n):
+        self.source, self.n = source, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"state": np.array([self.source, i], np.float32), "instruction": "x",
+                "actions": np.zeros((1, 7), np.float32), "action_mask": np.ones(1, bool)}
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.95, 1.0])
 def test_realised_sim_fraction_matches_alpha(alpha):
-    rng = np.random.default_rng(123)
-    draws = np.concatenate([stage1.draw_global_batch(rng, alpha, 64)[0] for _ in range(300)])
-    n, k = draws.size, int(draws.sum())
+    sim = FakeDemos(0, 50) if alpha > 0 else None
+    real = FakeDemos(1, 7) if alpha < 1 else None
+    mixer = demos.AlphaMixer(sim, real, alpha, batch_size=64, seed=123)
+    batches = [mixer.next_batch() for _ in range(150)]
+    from_sim = np.concatenate([b["state"][:, 0].numpy() == 0 for b, _ in batches])
+    assert np.array_equal(from_sim, np.concatenate([flags for _, flags in batches]))
+    n, k = from_sim.size, int(from_sim.sum())
     if alpha in (0.0, 1.0):
         assert k == alpha * n
         return
-    # two-sided binomial test: the z-score of k under Binomial(n, alpha)
+    # two-sided binomial test: the z-score of k under Binomial(n, alpha); a concatenation of the
+    # datasets would give the fraction 50 / 57 instead
     z = (k - n * alpha) / math.sqrt(n * alpha * (1 - alpha))
     assert abs(z) < 4.0, f"sim fraction {k / n:.4f} is not alpha={alpha} (z={z:.1f})"
 
 
-def test_each_sample_is_drawn_independently_not_by_concatenation():
-    # per-sample sampling: the number of sim samples in a batch varies batch to batch
-    rng = np.random.default_rng(0)
-    counts = [stage1.draw_global_batch(rng, 0.5, 32)[0].sum() for _ in range(200)]
+def test_each_sample_is_drawn_independently_and_ranks_split_one_global_batch():
+    mixer = demos.AlphaMixer(FakeDemos(0, 50), FakeDemos(1, 7), 0.5, batch_size=32, seed=0)
+    counts = [flags.sum() for _, flags in (mixer.next_batch() for _ in range(200))]
     assert np.std(counts) > 1.5  # Binomial(32, 0.5) has std 2.83; a fixed split would have 0
-    positions = stage1.draw_global_batch(rng, 0.5, 10_000)[1]
-    assert positions.min() >= 0 and positions.max() < 1
-    assert abs(positions.mean() - 0.5) < 0.02
+    whole = demos.AlphaMixer(FakeDemos(0, 50), FakeDemos(1, 7), 0.5, batch_size=8, seed=5)
+    parts = [demos.AlphaMixer(FakeDemos(0, 50), FakeDemos(1, 7), 0.5, batch_size=8, seed=5,
+                              rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        full, _ = whole.next_batch()
+        halves = [m.next_batch()[0]["state"] for m in parts]
+        assert torch.equal(torch.cat(halves), full["state"])
 
 
 def test_merge_stats_equals_pooled_statistics():

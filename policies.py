@@ -25,7 +25,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -168,16 +167,12 @@ class WordTokenizer:
         return len(self.vocab)
 
 
-def _openvla_action_token_names():
-    return [f"<act_{i}>" for i in range(NUM_ACTION_BINS)]
-
-
 def _tiny_tokenizer(kind: str, instructions) -> WordTokenizer:
     instructions = list(instructions) or ["do the task"]
     if kind == "openvla":
         texts = [OPENVLA_PROMPT.format(instruction=i.lower()) for i in instructions]
         # the 256 action tokens are the last ids of the vocabulary, as in OpenVLA
-        return WordTokenizer.build(texts, tail_tokens=_openvla_action_token_names())
+        return WordTokenizer.build(texts, tail_tokens=[f"<act_{i}>" for i in range(NUM_ACTION_BINS)])
     state_words = " ".join(str(b) for b in range(NUM_ACTION_BINS))
     texts = [PI05_PROMPT.format(instruction=i, state=state_words) for i in instructions]
     return WordTokenizer.build(texts)
@@ -196,7 +191,7 @@ def make_value_head(width: int, hidden=(512, 128)) -> nn.Sequential:
 def _images_to_pixels(image, size: int, device) -> torch.Tensor:
     """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, size, size] in [0, 1] (plain resize, as
     OpenVLA's "resize-naive"; pi0.5 pads to a square first, which is the same for square cameras)."""
-    x = torch.as_tensor(np.asarray(image)) if not torch.is_tensor(image) else image
+    x = torch.as_tensor(image)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"obs['image'] must be uint8 [B, H, W, 3], got shape {tuple(x.shape)}")
     x = x.to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -265,8 +260,7 @@ class Policy(nn.Module):
 
     def _obs(self, obs):
         image = obs["image"]
-        state = torch.as_tensor(np.asarray(obs["state"]) if not torch.is_tensor(obs["state"]) else obs["state"])
-        state = state.to(self.device, torch.float32)
+        state = torch.as_tensor(obs["state"], dtype=torch.float32).to(self.device)
         instructions = [str(s) for s in obs["instruction"]]
         if state.shape != (len(instructions), self.state_dim):
             raise ValueError(f"obs['state'] must be [B, {self.state_dim}], got {tuple(state.shape)}")
@@ -701,9 +695,10 @@ class Pi05Policy(Policy):
         self.vlm = PaliGemmaModel(PaliGemmaConfig(vision_config=vision, text_config=text,
                                                   projection_dim=m["vlm_width"]))
         # the expert has the VLM's depth and head layout, so its layer l can attend to layer l's keys
-        expert = GemmaConfig(vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None, hidden_size=m["expert_width"], intermediate_size=m["expert_mlp"],
+        expert = GemmaConfig(hidden_size=m["expert_width"], intermediate_size=m["expert_mlp"],
                              num_hidden_layers=m["vlm_depth"], num_attention_heads=m["num_heads"],
-                             num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"])
+                             num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"],
+                             vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no text
         self.expert = ActionExpert(expert)
         W = m["expert_width"]
         self.action_in_proj = nn.Linear(self.max_action_dim, W)
@@ -956,6 +951,7 @@ PUBLISHED_NAME_MAP = {
     # PaliGemma embedding stored only as the lm_head it was tied to
     "pi05": [
         ("paligemma_with_expert.paligemma.lm_head.weight", "vlm.language_model.embed_tokens.weight"),
+        # transformers 5 SiglipVisionModel has no inner `vision_model.` level
         ("paligemma_with_expert.paligemma.model.vision_tower.vision_model.", "vlm.vision_tower."),
         ("paligemma_with_expert.paligemma.model.", "vlm."),
         ("paligemma_with_expert.gemma_expert.model.", "expert."),

@@ -27,7 +27,8 @@ def make_batch(policy, batch_size=4, seed=0):
     rng = np.random.default_rng(seed + 1)
     H = policy.chunk_size
     mask = np.ones((batch_size, H), dtype=bool)
-    mask[0, H - 1:] = False if H > 1 else True  # one padded step where the chunk allows
+    if H > 1:
+        mask[0, -1] = False  # the chunk ran past the episode's end
     return dict(make_obs(batch_size, seed=seed),
                 actions=rng.uniform(-1, 1, (batch_size, H, 7)).astype(np.float32), action_mask=mask)
 
@@ -37,9 +38,14 @@ def new_policy(kind, seed=0, **overrides):
     return policies.make_policy(kind, instructions=INSTRUCTIONS, **overrides)
 
 
-@pytest.fixture(scope="module")
-def openvla():
-    return new_policy("openvla")
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The tiny models are too small to gain from a second thread, and on a CPU shared with other
+    jobs a busy-waiting second thread made training steps ~50x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +149,8 @@ def test_pi05_chain_logprob_is_sum_of_gaussian_densities(pi05):
             t = torch.full((4,), 1.0 - k / K)
             v, expert_out = pi05.velocity(prefix, chain[:, k], t)
             mean, std = chain[:, k] - v / K, pi05.noise_std(expert_out)
-            total += torch.distributions.Normal(mean.double(), std.double()).log_prob(chain[:, k + 1].double()).sum((1, 2))
+            step = torch.distributions.Normal(mean.double(), std.double())
+            total += step.log_prob(chain[:, k + 1].double()).sum((1, 2))
             residuals.append((chain[:, k + 1] - mean) / std)
     expected = total / (K + 1)
     assert torch.allclose(out["logprob"].double(), expected, atol=1e-5, rtol=0)
@@ -222,25 +229,25 @@ def test_pi05_flow_matching_loss_by_hand():
 # SFT learns
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,lr,max_steps", [("openvla", 1e-3, 150), ("pi05", 3e-3, 500)])
-def test_sft_loss_drops_tenfold_on_a_fixed_batch(kind, lr, max_steps):
+@pytest.mark.parametrize("kind,batch_size,lr,max_steps", [("openvla", 4, 1e-3, 150), ("pi05", 2, 2e-3, 400)])
+def test_sft_loss_drops_tenfold_on_a_fixed_batch(kind, batch_size, lr, max_steps):
     policy = new_policy(kind)
-    batch = make_batch(policy)
+    batch = make_batch(policy, batch_size)
 
-    def fixed_loss():  # the same noise/time draws every time, so the values are comparable
+    def fixed_loss():  # the same noise/time draws every time (pi05), so the values are comparable
         with torch.no_grad():
             return np.mean([policy.sft_loss(batch, generator=torch.Generator().manual_seed(s)).item()
-                            for s in range(4)])
+                            for s in range(4 if kind == "pi05" else 1)])
 
     initial = fixed_loss()
-    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=lr, foreach=True)
     final = initial
     for step in range(1, max_steps + 1):
         loss = policy.sft_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 25 == 0:
+        if step % 10 == 0:
             final = fixed_loss()
             if final < initial / 10:
                 break

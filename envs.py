@@ -79,7 +79,7 @@ ENV_IDS = {
 CONTROL_FREQ = 10  # Hz; one policy step = 10 physics steps at 100 Hz
 SIM_FREQ = 100
 # About 1.5x the scripted expert's typical episode length (see docs/expert_success.md).
-MAX_EPISODE_STEPS = {"pick_and_place": 80, "push_cube": 80, "open_drawer": 60, "close_drawer": 50}
+MAX_EPISODE_STEPS = {"pick_and_place": 100, "push_cube": 80, "open_drawer": 50, "close_drawer": 50}
 
 ROBOT_BASE_XYZ = (-0.615, 0.0, 0.0)  # robot base on the table top (z = 0)
 # The fixed initial robot pose: gripper open, pointing straight down, 27 cm above the table (high
@@ -104,7 +104,7 @@ DOMAIN_PARAMS = {
         camera_fov=0.8,
         object_friction=0.8, object_density=800.0,
         arm_stiffness=1e3, arm_damping=1e2,
-        drawer_friction=0.5, drawer_damping=5.0,
+        drawer_friction=0.5, drawer_damping=5.0, drawer_density=300.0,
         action_noise_std=0.0,  # in normalized action units, dims 0-5
         action_latency=0,  # control steps between command and execution
     ),
@@ -117,8 +117,8 @@ DOMAIN_PARAMS = {
         camera_shift=(0.03, -0.035, 0.025), camera_target_shift=(0.0, 0.03, -0.02),
         camera_roll=np.deg2rad(2.0), camera_fov=0.83,
         object_friction=0.5, object_density=1200.0,
-        arm_stiffness=7e2, arm_damping=1.3e2,
-        drawer_friction=1.0, drawer_damping=8.0,
+        arm_stiffness=8.5e2, arm_damping=1.15e2,
+        drawer_friction=1.0, drawer_damping=8.0, drawer_density=450.0,
         action_noise_std=0.03,
         action_latency=1,
     ),
@@ -238,6 +238,11 @@ def pose_action(tcp_pose: Pose, target_p: torch.Tensor, target_q: torch.Tensor, 
 # --------------------------------------------------------------------------------------------
 # 4. The scene every task shares
 # --------------------------------------------------------------------------------------------
+# SAPIEN frees its renderer, and the shaders it compiled (seconds of work on a CPU), when the last
+# render system goes away. One idle render system per device keeps it for envs built later.
+_IDLE_RENDER_SYSTEMS = {}
+
+
 class TwinTaskEnv(BaseEnv):
     """Table, Panda with pd_ee_delta_pose control, one fixed third-person camera, lights, and
     the domain's action effects. Subclasses add the task objects (`_load_task`), sample an
@@ -264,7 +269,10 @@ class TwinTaskEnv(BaseEnv):
         self.params = DOMAIN_PARAMS[domain]
         kwargs.setdefault("obs_mode", "none")
         kwargs.setdefault("control_mode", "pd_ee_delta_pose")
+        kwargs.setdefault("enhanced_determinism", True)  # reset() without a seed draws a fresh episode seed
         super().__init__(*args, robot_uids=ROBOT_CLASS[domain], **kwargs)
+        if self._render_device is not None and str(self._render_device) not in _IDLE_RENDER_SYSTEMS:
+            _IDLE_RENDER_SYSTEMS[str(self._render_device)] = sapien.render.RenderSystem(self._render_device)
 
     @property
     def _default_sim_config(self):
@@ -479,8 +487,8 @@ class PickAndPlaceEnv(TwinTaskEnv):
     variant's set are built once; each episode moves one of them onto the table and parks the rest."""
 
     task = "pick_and_place"
-    camera_eye = (0.38, 0.0, 0.58)  # in front of the robot, looking back at it and down on the table
-    camera_target = (-0.10, 0.0, 0.0)
+    camera_eye = (0.30, 0.0, 0.50)  # in front of the robot, looking back at it and down on the table
+    camera_target = (-0.08, 0.0, 0.0)
 
     def _load_task(self):
         self.shape_keys = UNSEEN_SHAPES if self.variant == "unseen_objects" else TRAIN_SHAPES
@@ -593,7 +601,8 @@ class PickAndPlaceEnv(TwinTaskEnv):
         above_object = grasp + up(torch.full_like(grasp[:, 0], 0.10))
         box = self.container.pose.p
         above_box = torch.cat([box[:, :2], torch.full_like(box[:, :1], CARRY_Z)], dim=-1)
-        grasp_height = grasp[:, 2] - (obj.p[:, 2] - self.shape_rest_z[self.active])  # grasp point above the object's bottom
+        # height of the grasp point above the object's bottom
+        grasp_height = grasp[:, 2] - (obj.p[:, 2] - self.shape_rest_z[self.active])
         release = torch.cat([box[:, :2], (CONTAINER["floor"] + grasp_height + 0.025)[:, None]], dim=-1)
         dist = lambda target: torch.linalg.norm(target - tcp.p, dim=-1)
         xy_dist = lambda target: torch.linalg.norm(target[:, :2] - tcp.p[:, :2], dim=-1)
@@ -642,16 +651,17 @@ class PushCubeEnv(TwinTaskEnv):
     goal disk without moving the other two (each must move < 2 cm)."""
 
     task = "push_cube"
-    camera_eye = (0.38, 0.0, 0.58)
-    camera_target = (-0.10, 0.0, 0.0)
+    camera_eye = (0.30, 0.0, 0.50)
+    camera_target = (-0.08, 0.0, 0.0)
 
     def _load_task(self):
         self.colours = UNSEEN_COLOURS if self.variant == "unseen_objects" else TRAIN_COLOURS
         self.cubes = []
         for i, colour in enumerate(self.colours):
             builder = self.scene.create_actor_builder()
-            _add_part(builder, "box", (CUBE_HALF,) * 3, (0, 0, 0), _material(COLOUR_RGB[self.domain][colour], self.domain, 30 + i),
-                      self.object_material, self.params["object_density"])
+            material = _material(COLOUR_RGB[self.domain][colour], self.domain, 30 + i)
+            _add_part(builder, "box", (CUBE_HALF,) * 3, (0, 0, 0), material, self.object_material,
+                      self.params["object_density"])
             builder.initial_pose = sapien.Pose(p=[-0.1, 0.1 * i, CUBE_HALF])
             self.cubes.append(builder.build(name=f"{colour}_cube"))
         builder = self.scene.create_actor_builder()  # a flat marker, no collision
@@ -667,11 +677,11 @@ class PushCubeEnv(TwinTaskEnv):
         rng = np.random.default_rng(seed)
         slot_of_cube = rng.permutation(3)  # which of the three row positions each cube takes
         target = int(rng.integers(3))
-        slot_y = np.array([-0.11, 0.0, 0.11])
+        slot_y = np.array([-0.12, 0.0, 0.12])
         jitter = rng.uniform(-0.015, 0.015, size=(3, 2))
         cube_xy = np.stack([np.array([-0.13, slot_y[s]]) + jitter[i] for i, s in enumerate(slot_of_cube)])
         cube_yaw = rng.uniform(-np.pi / 4, np.pi / 4, size=3)
-        goal_xy = rng.uniform([0.03, -0.06], [0.08, 0.06])
+        goal_xy = rng.uniform([0.05, -0.06], [0.09, 0.06])  # ahead of the row: short, shallow pushes
         return dict(cube_xy=cube_xy, cube_yaw=cube_yaw, target=target, goal_xy=goal_xy,
                     robot_qpos=self.robot_init_qpos(rng),
                     instruction=f"push the {self.colours[target]} cube to the goal")
@@ -696,7 +706,8 @@ class PushCubeEnv(TwinTaskEnv):
         to_goal = torch.linalg.norm(xy[rows, self.target] - self.goal.pose.p[:, :2], dim=-1)
         moved = torch.linalg.norm(xy - self.cube_start_xy, dim=-1)  # [B, 3]
         others_moved = moved.masked_fill(torch.nn.functional.one_hot(self.target, 3).bool(), 0.0).amax(dim=-1)
-        return dict(success=(to_goal <= GOAL_RADIUS) & (others_moved < 0.02), to_goal=to_goal, others_moved=others_moved)
+        success = (to_goal <= GOAL_RADIUS) & (others_moved < 0.02)
+        return dict(success=success, to_goal=to_goal, others_moved=others_moved)
 
     def push_geometry(self):
         """The named cube's position, the unit push direction toward the goal, and its distance."""
@@ -718,7 +729,8 @@ class PushCubeEnv(TwinTaskEnv):
 
     def expert_action(self) -> torch.Tensor:
         """Closed gripper above a point behind the cube -> down to the table -> push toward the goal,
-        re-aiming every step; if the cube slides off the pushing line, back off and re-approach."""
+        re-aiming every step; if the cube slides off the pushing line, back off (staying low) to a
+        point behind it on the new line and push again."""
         tcp = self.agent.tcp_pose
         cube, direction, distance = self.push_geometry()
         z = lambda h: torch.full_like(cube[:, :1], h)
@@ -735,11 +747,11 @@ class PushCubeEnv(TwinTaskEnv):
 
         self._advance((self.expert_phase == 0) & (dist(above_behind) < 0.015) & ((yaw - yaw_now).abs() < 0.1), 1)
         self._advance((self.expert_phase == 1) & (dist(behind) < 0.01), 2)
-        self._advance((self.expert_phase == 2) & (lateral > 0.015), 3)  # lost the cube: back off
-        self._advance((self.expert_phase == 3) & (tcp.p[:, 2] > 0.06), 0)
+        self._advance((self.expert_phase == 2) & (lateral > 0.018), 3)  # off the line: back off
+        self._advance((self.expert_phase == 3) & (dist(behind) < 0.012), 2)
         phase = self.expert_phase
-        retreat = torch.cat([tcp.p[:, :2], z(0.08)], dim=-1)
-        target = torch.stack([above_behind, behind, pushed, retreat])[phase, torch.arange(self.num_envs, device=self.device)]
+        rows = torch.arange(self.num_envs, device=self.device)
+        target = torch.stack([above_behind, behind, pushed, behind])[phase, rows]
         self.expert_timer = self.expert_timer + 1
         return pose_action(tcp, target, top_down_quat(yaw), torch.full_like(cube[:, 0], -1.0), max_step=0.04)
 
@@ -755,7 +767,7 @@ CABINETS = {
                   rgb={"sim": (0.85, 0.85, 0.80), "proxy_real": (0.62, 0.45, 0.30)},
                   drawer_rgb={"sim": (0.55, 0.70, 0.85), "proxy_real": (0.80, 0.78, 0.72)},
                   handle_rgb={"sim": (0.15, 0.15, 0.15), "proxy_real": (0.55, 0.55, 0.58)}),
-    "unseen": dict(depth=0.26, width=0.36, height=0.17, wall=0.012, handle_standoff=0.04, handle_length=0.10,
+    "unseen": dict(depth=0.26, width=0.36, height=0.17, wall=0.012, handle_standoff=0.045, handle_length=0.09,
                    handle_radius=0.011,
                    rgb={"sim": (0.35, 0.25, 0.20), "proxy_real": (0.30, 0.30, 0.32)},
                    drawer_rgb={"sim": (0.90, 0.60, 0.30), "proxy_real": (0.75, 0.35, 0.30)},
@@ -808,18 +820,21 @@ class DrawerEnv(TwinTaskEnv):
             ((t / 2, inner_w / 2, tray_h / 2), (front_x + tray_d, 0, t + tray_h / 2)),  # tray back
         ]
         for half, centre in drawer_panels:
-            drawer.add_box_collision(sapien.Pose(centre), half, density=300)
+            drawer.add_box_collision(sapien.Pose(centre), half, density=self.params["drawer_density"])
             drawer.add_box_visual(sapien.Pose(centre), half, material=drawer_mat)
         # vertical bar handle held by two horizontal posts
         handle_mat = _material(c["handle_rgb"][domain], domain, 5)
         so, hl, r = c["handle_standoff"], c["handle_length"], c["handle_radius"]
-        self.handle_local = np.array([front_x - t / 2 - so, 0.0, h / 2])
-        upright = sapien.Pose(self.handle_local, q=[np.cos(np.pi / 4), 0, np.sin(np.pi / 4), 0])  # cylinder axis x -> z
-        drawer.add_cylinder_collision(upright, r, hl / 2, density=300)
+        handle_centre = np.array([front_x - t / 2 - so, 0.0, h / 2])
+        # where the fingers hold (expert) or push (close) the bar: 3 cm below its top end, so that
+        # the palm stays above the bar
+        self.handle_local = handle_centre + [0.0, 0.0, hl / 2 - 0.03]
+        upright = sapien.Pose(handle_centre, q=[np.cos(np.pi / 4), 0, np.sin(np.pi / 4), 0])  # cylinder axis x -> z
+        drawer.add_cylinder_collision(upright, r, hl / 2, density=self.params["drawer_density"])
         drawer.add_cylinder_visual(upright, r, hl / 2, material=handle_mat)
         for dz in (-hl / 2 + 0.005, hl / 2 - 0.005):
             centre = (front_x - t / 2 - so / 2, 0, h / 2 + dz)
-            drawer.add_box_collision(sapien.Pose(centre), (so / 2, 0.005, 0.005), density=300)
+            drawer.add_box_collision(sapien.Pose(centre), (so / 2, 0.005, 0.005), density=self.params["drawer_density"])
             drawer.add_box_visual(sapien.Pose(centre), (so / 2, 0.005, 0.005), material=handle_mat)
 
         builder.set_initial_pose(sapien.Pose(p=[0.15, 0, 0]))
@@ -852,6 +867,7 @@ class DrawerEnv(TwinTaskEnv):
         return self.cabinet.get_qpos()[:, 0]
 
     def handle_pos(self) -> torch.Tensor:
+        """World position of the handle's grasp point (on the bar, 3 cm below its top)."""
         local = torch.tensor(self.handle_local, dtype=torch.float32, device=self.device)
         return self.drawer_link.pose.p + torch.einsum("bij,j->bi", quaternion_to_matrix(self.drawer_link.pose.q), local)
 
@@ -935,7 +951,8 @@ class CloseDrawerEnv(DrawerEnv):
         q_target = top_down_quat(yaw)
         front = handle + 0.035 * pull  # just in front of the bar, on the robot's side
         above_front = front + torch.tensor([0, 0, 0.08], device=self.device)
-        shut = handle - pull * (self.opening()[:, None] + 0.02) + 0.01 * pull  # where the bar is once closed, a bit beyond
+        # the bar's position once closed, and 1 cm beyond it (the joint limit stops the drawer)
+        shut = handle - pull * (self.opening()[:, None] + 0.01)
         dist = lambda target: torch.linalg.norm(target - tcp.p, dim=-1)
 
         self._advance((self.expert_phase == 0) & (dist(above_front) < 0.02), 1)
@@ -981,15 +998,14 @@ class LocalEnvs:
         return np.concatenate([env.robot_state().cpu().numpy() for env in self.envs]).astype(np.float32)
 
     def images(self, rows=None) -> np.ndarray:
-        """Camera images of the given rows (all by default); other rows stay zero."""
-        rows = np.arange(self.num_envs) if rows is None else np.asarray(rows)
+        """Camera images of the given rows (all by default); the other rows stay zero."""
+        wanted = np.zeros(self.num_envs, bool)
+        wanted[np.arange(self.num_envs) if rows is None else np.asarray(rows)] = True
         out = np.zeros((self.num_envs, self.image_size, self.image_size, 3), np.uint8)
         for env, env_rows in zip(self.envs, self.rows):
-            if np.isin(env_rows, rows).any():
+            if wanted[env_rows].any():  # a batched GPU env renders all its rows at once
                 out[env_rows] = env.render_image().cpu().numpy()
-        out_rows = np.zeros(self.num_envs, bool)
-        out_rows[rows] = True
-        out[~out_rows] = 0
+        out[~wanted] = 0
         return out
 
     def instructions(self) -> list[str]:
@@ -1001,14 +1017,14 @@ class LocalEnvs:
     # ---- episodes ----
     def reset_rows(self, rows, seeds):
         """Start new episodes in the given rows with the given seeds."""
+        seed_of = {int(r): int(s) for r, s in zip(rows, seeds)}
         for env, env_rows in zip(self.envs, self.rows):
-            mine = [k for k, r in enumerate(env_rows) if r in rows]
+            mine = [k for k, r in enumerate(env_rows) if r in seed_of]  # indices inside this ManiSkill env
             if not mine:
                 continue
-            row_seeds = [int(seeds[list(rows).index(env_rows[k])]) for k in mine]
             options = {} if len(mine) == len(env_rows) else {"env_idx": torch.tensor(mine, device=env.device)}
-            env.reset(seed=row_seeds, options=options)
-        for r, s in zip(rows, seeds):
+            env.reset(seed=[seed_of[env_rows[k]] for k in mine], options=options)
+        for r, s in seed_of.items():
             self.seeds[r] = s
             self.next_seeds[r] = (s + self.seed_stride) % EVAL_SEED_START  # auto-resets stay on training seeds
             self.elapsed[r] = 0
@@ -1068,7 +1084,11 @@ def _worker_main(conn, local_kwargs: dict):
         conn.send(("error", traceback.format_exc()))
         return
     while True:
-        command, args = conn.recv()
+        try:
+            command, args = conn.recv()
+        except EOFError:  # the parent went away
+            local.close()
+            return
         try:
             if command == "close":
                 local.close()

@@ -30,9 +30,9 @@ import tyro
 # Per scale: demo counts, Stage I steps, Stage II env steps, evaluation episodes.
 SCALES = {
     "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1500, stage1_batch=32,
-                stage2_env_steps=6000, eval_episodes=20, stage1_eval_every=0),
+                stage2_env_steps=6000, eval_episodes=20, stage1_eval_every=0, monitor_episodes=4),
     "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=6, stage1_batch=8,
-               stage2_env_steps=32, eval_episodes=2, stage1_eval_every=0),
+               stage2_env_steps=32, eval_episodes=2, stage1_eval_every=0, monitor_episodes=1),
 }
 
 
@@ -98,7 +98,8 @@ def main(args: Args):
         run([py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
              "--alpha", str(alpha), "--sim-data", str(sim_data), "--real-data", str(real_data),
              "--total-steps", str(scale["stage1_steps"]), "--batch-size", str(scale["stage1_batch"]),
-             "--eval-every", str(scale["stage1_eval_every"]), "--eval-episodes", "4",
+             "--eval-every", str(scale["stage1_eval_every"]),
+             "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
              "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
     # 4. Stage II: RL-Co from the co-trained checkpoint
@@ -110,7 +111,8 @@ def main(args: Args):
         resume = ["--resume"] if (Path(args.runs_dir) / name / "args.json").exists() else []
         run([py, "stage2_rl_cotrain.py", "--task", args.task, "--init", str(stage1_runs["sft_cotrain"]),
              "--real-data", str(real_data), "--beta", str(args.beta),
-             "--total-env-steps", str(scale["stage2_env_steps"]), "--eval-episodes", "4",
+             "--total-env-steps", str(scale["stage2_env_steps"]),
+             "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
              "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
     # 5. evaluation on identical proxy_real initial states, each setting evaluated twice

@@ -186,14 +186,19 @@ def evaluate_success(policy, task: str, domain: str, num_episodes: int, image_si
     with the camera rendered only before the next decision."""
     policy.eval()
     seeds = envs.eval_seeds(num_episodes)
+    num_envs = min(num_envs, num_episodes)
+    # one env for all batches: starting an env (worker processes, first render) costs far more
+    # than an episode
+    env = envs.make_env(task, domain=domain, num_envs=num_envs, image_size=image_size,
+                        max_episode_steps=max_steps)
     successes, frames = [], []
     for start in range(0, num_episodes, num_envs):
         batch_seeds = seeds[start:start + num_envs]
-        env = envs.make_env(task, domain=domain, num_envs=len(batch_seeds), image_size=image_size,
-                            max_episode_steps=max_steps)
-        obs, _ = env.reset(seed=batch_seeds)
-        done = np.zeros(len(batch_seeds), dtype=bool)
-        success = np.zeros(len(batch_seeds), dtype=bool)
+        n = len(batch_seeds)
+        # a short last batch: the spare envs replay the first seed and are not counted
+        obs, _ = env.reset(seed=batch_seeds + [batch_seeds[0]] * (num_envs - n))
+        done = np.zeros(num_envs, dtype=bool)
+        success = np.zeros(num_envs, dtype=bool)
         while not done.all():
             actions = policy.act(obs, deterministic=True)["actions"].cpu().numpy()
             for h in range(actions.shape[1]):
@@ -206,10 +211,10 @@ def evaluate_success(policy, task: str, domain: str, num_episodes: int, image_si
                     frames.append(env.render_frame()[0])
                 if done.all():
                     break
-            if done.all() or obs["image"] is None:
-                obs["image"] = env.render_frame() if obs["image"] is None else obs["image"]
-        env.close()
-        successes.extend(success.tolist())
+            if obs["image"] is None:
+                obs["image"] = env.render_frame()
+        successes.extend(success[:n].tolist())
+    env.close()
     if video_path is not None and frames:
         import imageio.v2 as imageio
         video_path.parent.mkdir(parents=True, exist_ok=True)

@@ -171,11 +171,11 @@ PRESETS = {
     ("openvla", "full"): dict(total_env_steps=3_000_000, num_envs=64, update_epochs=1, num_minibatches=4,
                               huber_delta=10.0, ent_coef=0.0, learning_rate=1e-4, value_learning_rate=3e-3,
                               max_grad_norm=10.0, eval_every=20, eval_episodes=50),
-    ("pi05", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=4, num_minibatches=4,
-                           huber_delta=0.0, ent_coef=0.005, learning_rate=3e-4, value_learning_rate=1e-3,
+    ("pi05", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4,
+                           huber_delta=0.0, ent_coef=0.005, learning_rate=1e-4, value_learning_rate=1e-3,
                            max_grad_norm=1.0, eval_every=10, eval_episodes=8),
-    ("openvla", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=4, num_minibatches=4,
-                              huber_delta=0.0, ent_coef=0.0, learning_rate=3e-4, value_learning_rate=1e-3,
+    ("openvla", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4,
+                              huber_delta=0.0, ent_coef=0.0, learning_rate=1e-4, value_learning_rate=1e-3,
                               max_grad_norm=1.0, eval_every=10, eval_episodes=8),
 }
 
@@ -478,6 +478,8 @@ def main(args: Args):
         actor_opt.load_state_dict(state["actor_opt"])
         critic_opt.load_state_dict(state["critic_opt"])
         torch.set_rng_state(state["torch_rng"][rank])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
         real_rng.bit_generator.state = state["real_rng"][rank]
         start_iter, global_step = state["iteration"], state["global_step"]
         last_good = resume_from
@@ -486,13 +488,14 @@ def main(args: Args):
 
     def trainer_state(iteration):
         # every process's RNG state, so that a resumed torchrun run continues exactly
-        trng, rrng = [torch.get_rng_state()], [real_rng.bit_generator.state]
+        mine = {"torch_rng": torch.get_rng_state(), "real_rng": real_rng.bit_generator.state,
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        every = [mine]
         if world_size > 1:
-            trng, rrng = [None] * world_size, [None] * world_size
-            dist.all_gather_object(trng, torch.get_rng_state())
-            dist.all_gather_object(rrng, real_rng.bit_generator.state)
+            every = [None] * world_size
+            dist.all_gather_object(every, mine)
         return {"actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
-                "torch_rng": trng, "real_rng": rrng, "iteration": iteration, "global_step": global_step}
+                **{k: [m[k] for m in every] for k in mine}, "iteration": iteration, "global_step": global_step}
 
     extra = {"stage": "stage2", "task": args.task, "beta": args.beta, "init": args.init, "args": asdict(args)}
     writer, metrics_file = None, None
@@ -517,6 +520,9 @@ def main(args: Args):
     def evaluate_and_save(iteration, final=False):
         nonlocal last_good
         state = trainer_state(iteration) if iteration > 0 else None  # collective under torchrun
+        ckpt_dir = ckpt_root / str(iteration)
+        if iteration > 0:
+            last_good = ckpt_dir
         if not is_main:
             return
         t0, scores = time.time(), {}
@@ -531,9 +537,7 @@ def main(args: Args):
             f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items() if k.startswith("eval/")))
         if iteration == 0:
             return
-        ckpt_dir = ckpt_root / str(iteration)
         save_checkpoint(policy, ckpt_dir, {**extra, "iteration": iteration, **scores}, state)
-        last_good = ckpt_dir
         for old in ckpt_root.glob("*"):  # keep the last iteration checkpoint (and final/)
             if old.name.isdigit() and old != ckpt_dir:
                 shutil.rmtree(old)

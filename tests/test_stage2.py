@@ -11,7 +11,6 @@ Run as a script (python tests/test_stage2.py ARGS), this file trains stage2_rl_c
 bandit: that is how the torchrun test starts its two processes.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,9 +30,9 @@ import stage2_rl_cotrain as stage2  # noqa: E402
 IMAGE = 64
 INSTRUCTION = "open the drawer"
 KINDS = ("pi05", "openvla")
-# Small tiny policies (1-patch images, one or two layers) so that whole runs fit the CI budget.
-# pi05's bandit policy predicts single actions (H = 1) with wider ReinFlow noise: its sampled x0
-# then does not drown the noise that PPO can credit.
+# Smaller tiny policies (one image patch, one or two layers) so that whole runs fit the CI
+# budget. pi05 gets wider ReinFlow noise, and learns the bandit with single actions (H = 1,
+# "pi05_chunk1"): otherwise its random x0 drowns the noise that PPO can give credit for.
 SMALL = {"pi05": dict(image_size=16, vlm_depth=1, sigma_min=0.3, sigma_max=0.6),
          "openvla": dict(image_size=16, dino_depth=1, siglip_depth=1, llm_depth=1)}
 
@@ -485,7 +484,8 @@ def test_short_run_on_open_drawer(tiny_data, tmp_path):
     cmd = [sys.executable, "stage2_rl_cotrain.py", "--task", "open_drawer", "--beta", "0.1",
            "--real-data", str(tiny_data["proxy_real"]), "--runs-dir", str(runs), "--run-name", "s2",
            "--num-envs", "2", "--max-episode-steps", "8", "--total-env-steps", "32",
-           "--eval-episodes", "2", "--eval-num-envs", "2", "--bench-env-steps", "4"]
+           "--update-epochs", "1", "--num-minibatches", "2",
+           "--eval-episodes", "2", "--eval-num-envs", "1", "--bench-env-steps", "4"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (runs / "s2/metrics.jsonl").read_text().splitlines()]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import traceback
 
 import numpy as np
@@ -1076,6 +1077,9 @@ class LocalEnvs:
 
 def _worker_main(conn, local_kwargs: dict):
     """Worker process: owns a LocalEnvs and answers (command, args) messages until "close"."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent handles it and closes
+    # the workers, so a worker ignores it instead of printing its own traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         local = LocalEnvs(**local_kwargs)

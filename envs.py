@@ -79,7 +79,7 @@ ENV_IDS = {
 }
 CONTROL_FREQ = 10  # Hz; one policy step = 10 physics steps at 100 Hz
 SIM_FREQ = 100
-# About 1.5x the scripted expert's typical episode length (see docs/expert_success.md).
+# 1.7-2x the longest scripted-expert episode (docs/expert_success.md): slack for slower policies.
 MAX_EPISODE_STEPS = {"pick_and_place": 100, "push_cube": 80, "open_drawer": 50, "close_drawer": 50}
 
 ROBOT_BASE_XYZ = (-0.615, 0.0, 0.0)  # robot base on the table top (z = 0)

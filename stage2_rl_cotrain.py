@@ -18,7 +18,10 @@ Action chunks. At each decision point the policy returns a chunk of H actions; t
 next decision. The decision's reward is the discounted sum of the per-step rewards it executed,
 R = sum_j gamma^j r_{t+j}, and the next decision is discounted by gamma^n for the n steps
 executed, so that the return is exactly Eq. 3's per-step discounted return (an SMDP over
-decisions). GAE runs over decisions with that gamma^n and lambda per decision.
+decisions). GAE runs over decisions with that gamma^n and lambda per decision. The per-step
+reward is by default the change of the env's dense reward since the previous step (--reward
+dense_delta, RL4VLA's potential difference): the envs end an episode at success, so paying the
+dense reward itself would make lingering just short of success worth more than succeeding.
 
 Episode ends inside a chunk. Training envs reset a finished sub-env at once (auto_reset). When
 any sub-env's episode ends at an inner step, the decision ends there for every sub-env: the
@@ -65,6 +68,9 @@ import policies
 
 @dataclass
 class Args:
+    """Stage II of RL-Co (Eq. 5). Options whose default is None and say [preset] take their value
+    from PRESETS for the Stage I checkpoint's policy kind and size (tiny or full)."""
+
     task: str = "open_drawer"
     """task to train in (sim) and evaluate (sim and proxy_real): pick_and_place, push_cube, open_drawer, close_drawer"""
     init: Optional[str] = None
@@ -74,17 +80,16 @@ class Args:
     beta: float = 0.1
     """weight of the real-data SFT loss (Eq. 5); 0 = no real supervision in Stage II"""
 
-    # Fields left at None take their value from PRESETS for the checkpoint's policy kind and size.
     total_env_steps: Optional[int] = None
-    """executed environment steps to train for, all processes together (the loop stops at the first iteration that reaches it)"""
+    """executed environment steps to train for, all processes together (the loop stops at the first iteration that reaches it) [preset]"""
     num_envs: Optional[int] = None
-    """parallel sim envs per process"""
+    """parallel sim envs per process [preset]"""
     sim_backend: Literal["cpu", "gpu"] = "cpu"
     """cpu: PhysX on the CPU, sub-envs in worker processes; gpu: ManiSkill's GPU-parallel simulation"""
     max_episode_steps: Optional[int] = None
     """episode length in env steps (default: the task's own)"""
-    reward_mode: Literal["dense", "sparse"] = "dense"
-    """reward of the sim envs"""
+    reward: Literal["dense_delta", "dense", "sparse"] = "dense_delta"
+    """dense_delta: the step-to-step change of the env's dense reward (a potential difference, as RL4VLA pays it: the return telescopes to the last potential, so reaching success, which ends the episode, beats lingering near it); dense: the env's dense reward itself (lingering at 0.9 per step outpays the 1 of success); sparse: 1 at success"""
     exec_horizon: Optional[int] = None
     """actions of each chunk executed before the next decision (default: the whole chunk, H = 1 for openvla and 4 for pi05 as Stage I makes them; RLinf executes 4 of 8)"""
     num_steps: Optional[int] = None
@@ -96,42 +101,42 @@ class Args:
     norm_adv: bool = True
     """normalize advantages over the rollout"""
     update_epochs: Optional[int] = None
-    """passes over the rollout per iteration"""
+    """passes over the rollout per iteration [preset]"""
     num_minibatches: Optional[int] = None
-    """minibatches per pass"""
+    """minibatches per pass [preset]"""
     clip_coef: float = 0.2
     """PPO ratio clip"""
-    clip_vloss: bool = True
-    """clip the value update around the rollout's value"""
+    clip_vloss: Optional[bool] = None
+    """clip the value update around the rollout's value (off in the tiny presets: their dense returns are far larger than the clip range) [preset]"""
     vf_clip_coef: float = 0.2
     """value clip range"""
     huber_delta: Optional[float] = None
-    """Huber loss on the value error with this delta (default: preset; 0 = squared error)"""
+    """Huber loss on the value error with this delta (0 = squared error) [preset]"""
     vf_coef: float = 0.5
     """value loss weight"""
     ent_coef: Optional[float] = None
-    """entropy bonus weight"""
+    """entropy bonus weight [preset]"""
     learning_rate: Optional[float] = None
-    """actor learning rate (everything trainable except value_head.*)"""
+    """actor learning rate (everything trainable except value_head.*) [preset]"""
     value_learning_rate: Optional[float] = None
-    """value head learning rate"""
+    """value head learning rate [preset]"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """Adam betas (both optimizers)"""
     adam_eps: float = 1e-5
     """Adam epsilon"""
     max_grad_norm: Optional[float] = None
-    """gradient clipping (global L2 norm, actor and value head each)"""
+    """gradient clipping (global L2 norm, actor and value head each) [preset]"""
     target_kl: Optional[float] = None
-    """stop the iteration's update once the approximate KL exceeds this"""
-    critic_warmup_iters: int = 0
-    """first iterations in which only the value head learns"""
+    """stop the iteration's update once the approximate KL exceeds this (0: never) [preset]"""
+    critic_warmup_iters: Optional[int] = None
+    """first iterations in which only the value head learns [preset]"""
     sft_batch_size: Optional[int] = None
     """real samples drawn for every minibatch (default: the minibatch size)"""
 
     eval_every: Optional[int] = None
-    """evaluate and checkpoint every N iterations (0: only at the start and the end)"""
+    """evaluate and checkpoint every N iterations (0: only at the start and the end) [preset]"""
     eval_episodes: Optional[int] = None
-    """episodes per domain at each evaluation, on the fixed evaluation seeds"""
+    """episodes per domain at each evaluation, on the fixed evaluation seeds [preset]"""
     eval_num_envs: int = 4
     """parallel envs per evaluation domain"""
     eval_domains: tuple[str, ...] = ("sim", "proxy_real")
@@ -162,21 +167,22 @@ class Args:
 # follow the reference systems (shared/reference/ANCHORS.md): RLinf's ReinFlow co-training for
 # pi05 (lr 4e-6, value lr 2e-4, grad clip 1, 64 envs, 2 epochs, Huber delta 10, entropy 0.005)
 # and RL4VLA's PPO for openvla (LoRA lr 1e-4, value lr 3e-3, grad clip 10, 1 epoch, Huber
-# delta 10). Both use gamma 0.99, lambda 0.95, clip 0.2, value clip 0.2 (the Args defaults).
-# The tiny presets learn on a CPU in minutes.
+# delta 10, value clip 0.2). Both use gamma 0.99, lambda 0.95, clip 0.2 (the Args defaults).
+# The tiny presets start with a critic warm-up (a Stage I policy has no value head worth the
+# name) and bound each update by its KL, so that RL refines the Stage I policy instead of
+# scrambling it with the advantages of an untrained critic.
+_FULL = dict(total_env_steps=3_000_000, num_envs=64, num_minibatches=4, clip_vloss=True, huber_delta=10.0,
+             target_kl=0.0, critic_warmup_iters=0, eval_every=20, eval_episodes=50)
+_TINY = dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4, clip_vloss=False,
+             huber_delta=0.0, target_kl=0.05, critic_warmup_iters=2, learning_rate=1e-4,
+             value_learning_rate=1e-3, max_grad_norm=1.0, eval_every=10, eval_episodes=8)
 PRESETS = {
-    ("pi05", "full"): dict(total_env_steps=3_000_000, num_envs=64, update_epochs=2, num_minibatches=4,
-                           huber_delta=10.0, ent_coef=0.005, learning_rate=4e-6, value_learning_rate=2e-4,
-                           max_grad_norm=1.0, eval_every=20, eval_episodes=50),
-    ("openvla", "full"): dict(total_env_steps=3_000_000, num_envs=64, update_epochs=1, num_minibatches=4,
-                              huber_delta=10.0, ent_coef=0.0, learning_rate=1e-4, value_learning_rate=3e-3,
-                              max_grad_norm=10.0, eval_every=20, eval_episodes=50),
-    ("pi05", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4,
-                           huber_delta=0.0, ent_coef=0.005, learning_rate=1e-4, value_learning_rate=1e-3,
-                           max_grad_norm=1.0, eval_every=10, eval_episodes=8),
-    ("openvla", "tiny"): dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4,
-                              huber_delta=0.0, ent_coef=0.0, learning_rate=1e-4, value_learning_rate=1e-3,
-                              max_grad_norm=1.0, eval_every=10, eval_episodes=8),
+    ("pi05", "full"): dict(_FULL, update_epochs=2, ent_coef=0.005, learning_rate=4e-6, value_learning_rate=2e-4,
+                           max_grad_norm=1.0),
+    ("openvla", "full"): dict(_FULL, update_epochs=1, ent_coef=0.0, learning_rate=1e-4, value_learning_rate=3e-3,
+                              max_grad_norm=10.0),
+    ("pi05", "tiny"): dict(_TINY, ent_coef=0.005),
+    ("openvla", "tiny"): dict(_TINY, ent_coef=0.0),
 }
 
 
@@ -278,9 +284,12 @@ def checkpoint_extra(path: Path) -> Optional[dict]:
 
 
 def newest_stage1_checkpoint(runs_dir: str, task: str) -> Optional[Path]:
-    found = [p.parent for p in Path(runs_dir).glob("*/checkpoints/final/config.json")
-             if (checkpoint_extra(p.parent) or {}).get("stage") == "stage1"
-             and checkpoint_extra(p.parent).get("task") == task]
+    """The most recently written runs/*/checkpoints/final of a Stage I run on `task`."""
+    found = []
+    for config in Path(runs_dir).glob("*/checkpoints/final/config.json"):
+        extra = checkpoint_extra(config.parent) or {}
+        if extra.get("stage") == "stage1" and extra.get("task") == task:
+            found.append(config.parent)
     return max(found, key=lambda p: (p / "config.json").stat().st_mtime) if found else None
 
 
@@ -305,7 +314,8 @@ def make_train_envs(args: Args, rank: int, image_size: int):
     """The RL envs: sim domain only; a finished sub-env is reset at once."""
     return envs.make_env(args.task, domain="sim", num_envs=args.num_envs, image_size=image_size,
                          sim_backend=args.sim_backend, seed=envs.train_seed(rank * args.num_envs),
-                         reward_mode=args.reward_mode, max_episode_steps=args.max_episode_steps,
+                         reward_mode="sparse" if args.reward == "sparse" else "dense",
+                         max_episode_steps=args.max_episode_steps,
                          auto_reset=True)
 
 
@@ -590,6 +600,7 @@ def main(args: Args):
         seeds = [envs.train_seed((first_seed + i) % envs.EVAL_SEED_START) for i in range(B)]
         obs, _ = train_env.reset(seed=seeds)
         ep_return, ep_len = np.zeros(B), np.zeros(B, int)
+        potential = np.zeros(B)  # dense_delta: the last dense reward of each episode (0 at its start)
         ended_returns, ended_success, ended_len = [], [], []
         steps_this_iter = 0
         for t in range(T):
@@ -612,8 +623,10 @@ def main(args: Args):
                 render = j == H - 1 or args.render_all_steps
                 obs, r, terminated, truncated, info = train_env.step(chunk[:, j], render=render)
                 r = to_numpy(r).astype(np.float64)
+                ep_return += r  # logged: what the env pays
+                if args.reward == "dense_delta":
+                    r, potential = r - potential, r
                 reward += args.gamma ** j * r  # the decision's reward: sum_j gamma^j r_{t+j}
-                ep_return += r
                 ep_len += 1
                 steps_this_iter += B
                 terminated, truncated = to_numpy(terminated).astype(bool), to_numpy(truncated).astype(bool)
@@ -624,7 +637,7 @@ def main(args: Args):
                         ended_returns.append(ep_return[i])
                         ended_success.append(success[i])
                         ended_len.append(ep_len[i])
-                    ep_return[ended], ep_len[ended] = 0.0, 0
+                    ep_return[ended], ep_len[ended], potential[ended] = 0.0, 0, 0.0
                     # time limit: bootstrap from V(final obs); termination: no bootstrap
                     cut = truncated & ~terminated
                     if cut.any():
@@ -706,7 +719,7 @@ def main(args: Args):
                 sums["approx_kl"] = sums.get("approx_kl", 0.0) + approx_kl
                 sums["grad_norm_actor"] = sums.get("grad_norm_actor", 0.0) + float(grad_actor)
                 sums["grad_norm_value"] = sums.get("grad_norm_value", 0.0) + float(grad_critic)
-                if args.target_kl is not None and approx_kl > args.target_kl:
+                if args.target_kl and approx_kl > args.target_kl:
                     stop = True
                     break
             if stop:

@@ -75,6 +75,29 @@ class BanditEnv:
         pass
 
 
+class ThreeStepEnv(BanditEnv):
+    """Episodes of three steps whatever the actions: dense rewards 0.2, 0.5, 1.0, success (and
+    termination) at the third."""
+
+    max_episode_steps = 10
+
+    def __init__(self, num_envs, image_size=IMAGE, domain="sim"):
+        super().__init__(num_envs, image_size, domain)
+        self.t = np.zeros(num_envs, int)
+
+    def reset(self, seed=None):
+        self.t[:] = 0
+        return self._obs(), {}
+
+    def step(self, action, render=True):
+        self.t += 1
+        reward = np.choose(self.t - 1, [0.2, 0.5, 1.0]).astype(np.float32)
+        done = self.t == 3
+        self.t[done] = 0
+        info = {"success": done.copy(), "final_obs": self._obs(), "final_success": done.copy()}
+        return self._obs(render), reward, done, np.zeros(self.num_envs, bool), info
+
+
 def use_bandit(monkeypatch):
     monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: BanditEnv(args.num_envs, size))
     monkeypatch.setattr(stage2, "make_eval_env",
@@ -125,8 +148,9 @@ def bandit_args(files, tmp_path, kind, iterations, **kw) -> "stage2.Args":
     num_envs, num_steps = kw.pop("num_envs", 8), kw.pop("num_steps", 4)
     base = dict(task="open_drawer", init=str(files[kind]), real_data=str(files["real"]), beta=0.1,
                 num_envs=num_envs, num_steps=num_steps, total_env_steps=iterations * num_envs * num_steps,
-                update_epochs=2, num_minibatches=2, eval_every=0, eval_episodes=4, eval_num_envs=4,
-                save_video=False, runs_dir=str(tmp_path / "runs"), run_name="run", seed=3)
+                update_epochs=2, num_minibatches=2, critic_warmup_iters=0, target_kl=0.0, eval_every=0,
+                eval_episodes=4, eval_num_envs=4, save_video=False, runs_dir=str(tmp_path / "runs"),
+                run_name="run", seed=3)
     base.update(kw)
     return stage2.Args(**base)
 
@@ -264,7 +288,8 @@ def real_batch(path, policy, n=4, seed=0):
 
 
 def loss_args(beta):
-    return stage2.Args(beta=beta, ent_coef=0.01, vf_coef=0.5, huber_delta=0.0, clip_coef=0.2, vf_clip_coef=0.2)
+    return stage2.Args(beta=beta, ent_coef=0.01, vf_coef=0.5, huber_delta=0.0, clip_coef=0.2, clip_vloss=True,
+                       vf_clip_coef=0.2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -365,6 +390,38 @@ def test_learning_improves_bandit_return(files, tmp_path, monkeypatch, kind):
     # the return (mean action value, in [-1, 1]) starts near 0; a wrong advantage sign or a wrong
     # log-prob would push it down or nowhere
     assert np.mean(returns[-2:]) > np.mean(returns[:2]) + 0.2, returns
+
+
+def test_critic_warmup_trains_only_the_value_head_and_target_kl_stops_the_update(files, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    use_bandit(monkeypatch)
+    args = bandit_args(files, tmp_path, "pi05", iterations=1, critic_warmup_iters=1, beta=0.5)
+    stage2.main(args)
+    before = load_file(files["pi05"] / "model.safetensors")
+    after = load_file(Path(args.runs_dir) / "run/checkpoints/final/model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("value_head.") for name in changed), sorted(changed)[:5]
+    assert train_rows(read_metrics(args))[0]["charts/critic_warmup"] == 1.0
+
+    stopped = bandit_args(files, tmp_path, "pi05", iterations=1, target_kl=1e-12, run_name="kl", update_epochs=3)
+    stage2.main(stopped)
+    # the first minibatch has KL 0 (ratio 1); the second one's KL exceeds the target: stop there
+    assert train_rows(read_metrics(stopped))[0]["losses/minibatches"] == 2
+
+
+@pytest.mark.parametrize("reward", ["dense_delta", "dense"])
+def test_chunk_reward_is_discounted_and_stops_where_the_episode_ends(files, tmp_path, monkeypatch, reward):
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ThreeStepEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: ThreeStepEnv(args.eval_num_envs, size))
+    # pi05 executes chunks of 4; the episode ends (success) after 3 steps: one decision of 3 steps
+    args = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=2, num_steps=1, reward=reward,
+                       gamma=0.9, num_minibatches=1, update_epochs=1, eval_episodes=0)
+    stage2.main(args)
+    row = train_rows(read_metrics(args))[0]
+    paid = [0.2, 0.3, 0.5] if reward == "dense_delta" else [0.2, 0.5, 1.0]  # differences of 0.2, 0.5, 1.0
+    assert row["charts/decision_reward"] == pytest.approx(paid[0] + 0.9 * paid[1] + 0.81 * paid[2], abs=1e-6)
+    assert row["global_step"] == 6 and row["charts/episode_length"] == 3
+    assert row["charts/episode_return"] == pytest.approx(1.7) and row["charts/episode_success"] == 1.0
 
 
 @pytest.mark.parametrize("kind", ["pi05"])

@@ -23,6 +23,7 @@ Interface (docs/interfaces.md): make_policy, load_policy, Policy.save / sft_loss
 import json
 import math
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, LlamaConfig, LlamaForCausalLM, PaliGemmaConfig, SiglipVisionConfig
 from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaMLP, apply_rotary_pos_emb
 from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
@@ -70,6 +72,7 @@ def _model_defaults(kind: str, size: str) -> dict:
         raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
     if kind == "openvla":
         common = dict(
+            gradient_checkpointing=False,  # recompute each transformer layer in backward (less memory)
             temperature=1.0,      # sampling temperature of the action tokens (RL4VLA: 1.0 in rollouts)
             unnorm_key=None,      # full size: dataset whose published action statistics to use
             value_hidden=(512, 128),  # RL4VLA's value head: hidden -> 512 -> 128 -> 1
@@ -98,6 +101,7 @@ def _model_defaults(kind: str, size: str) -> dict:
                     lora_rank=32, dtype="bfloat16")
     if kind == "pi05":
         common = dict(
+            gradient_checkpointing=False,  # recompute each transformer layer in backward (less memory)
             min_period=4e-3, max_period=4.0,  # sinusoidal time embedding (openpi)
             num_steps=4,          # K: ReinFlow denoising steps in act(deterministic=False)
             num_eval_steps=10,    # Euler steps in act(deterministic=True) (pi0 inference)
@@ -215,6 +219,23 @@ def _gaussian_log_prob(x, mean, std):
     return -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
 
 
+def _checkpointed_forward(self, *args, **kwargs):
+    if self.checkpointing and torch.is_grad_enabled():
+        return checkpoint(self.inner_forward, *args, use_reentrant=False, **kwargs)
+    return self.inner_forward(*args, **kwargs)
+
+
+def _make_checkpointable(layer: nn.Module, forward=None):
+    """Give `layer` a forward (default: its class's) that runs under activation checkpointing when
+    layer.checkpointing is set and gradients are on, whether the model is in train or eval mode
+    (Stage II updates in eval mode). The checkpoint sits inside forward, not around the module call,
+    so module hooks (FSDP2's all-gather) stay outside it and run once. Bound methods, not closures:
+    a deep copy of the policy calls its own layers."""
+    layer.checkpointing = False
+    layer.inner_forward = types.MethodType(forward or type(layer).forward, layer)
+    layer.forward = types.MethodType(_checkpointed_forward, layer)
+
+
 class Policy(nn.Module):
     """Base of both kinds: configuration, normalisation, tokenisation, parameter groups, save()."""
 
@@ -276,6 +297,19 @@ class Policy(nn.Module):
                 ids[row, length - len(tokens):] = torch.tensor(tokens)
                 mask[row, length - len(tokens):] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    # ---- transformer layers: activation checkpointing, FSDP units ----
+    def transformer_layers(self) -> list:
+        """Every transformer layer (ViT blocks, LM / expert decoder layers), in forward order: the
+        units of activation checkpointing and of FSDP sharding."""
+        raise NotImplementedError
+
+    def set_gradient_checkpointing(self, enabled: bool):
+        """Recompute each transformer layer's activations in backward instead of keeping them
+        (config key gradient_checkpointing; saved with the checkpoint). Gradients are unchanged."""
+        self.config["model"]["gradient_checkpointing"] = bool(enabled)
+        for layer in self.transformer_layers():
+            layer.checkpointing = bool(enabled)
 
     # ---- parameter groups (Stage II uses separate learning rates for the critic) ----
     def trainable_parameters(self):
@@ -428,9 +462,16 @@ class OpenVLAPolicy(Policy):
             max_position_embeddings=2048, pad_token_id=m["pad_token_id"], bos_token_id=m["bos_token_id"],
             tie_word_embeddings=False))
         self.value_head = make_value_head(m["llm_width"], m["value_hidden"])
+        for layer in self.transformer_layers():
+            _make_checkpointable(layer)
+        self.set_gradient_checkpointing(m.get("gradient_checkpointing", False))
         edges = torch.linspace(-1, 1, NUM_ACTION_BINS)
         self.register_buffer("bin_edges", edges, persistent=False)
         self.register_buffer("bin_centers", (edges[:-1] + edges[1:]) / 2, persistent=False)
+
+    def transformer_layers(self):
+        return [*self.vision_backbone["dino"].blocks, *self.vision_backbone["siglip"].blocks,
+                *self.language_model.model.layers]
 
     # ---- action tokens (OpenVLA ActionTokenizer) ----
     @property
@@ -480,8 +521,8 @@ class OpenVLAPolicy(Policy):
         embeds = torch.cat([embeds, self.language_model.get_input_embeddings()(tokens)], dim=1)
         mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=mask,
-                                           position_ids=positions).last_hidden_state
+        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                           use_cache=False).last_hidden_state
         # position p predicts token p + 1: the N action tokens come from positions prefix_len - 1 ...
         logits = self.language_model.lm_head(hidden[:, prefix_len - 1: prefix_len - 1 + tokens.shape[1]])
         value = self.value_head(hidden[:, prefix_len - 1].float()).squeeze(-1)
@@ -710,6 +751,15 @@ class Pi05Policy(Policy):
                                         nn.Linear(m["noise_hidden"], self.action_dim))
         # critic on the mean of the prefix tokens (RLinf)
         self.value_head = make_value_head(m["vlm_width"], m["value_hidden"])
+        # the VLM's Gemma layers run gemma_layer as their forward (shared attention with the expert)
+        for layer in self.vlm.vision_tower.encoder.layers:
+            _make_checkpointable(layer)
+        for layer in (*self.vlm.language_model.layers, *self.expert.layers):
+            _make_checkpointable(layer, gemma_layer)
+        self.set_gradient_checkpointing(m.get("gradient_checkpointing", False))
+
+    def transformer_layers(self):
+        return [*self.vlm.vision_tower.encoder.layers, *self.vlm.language_model.layers, *self.expert.layers]
 
     # ---- prefix: [image tokens, BOS + prompt with state tokens (left-padded)], bidirectional ----
     def _prompts(self, state, instructions):
@@ -738,7 +788,7 @@ class Pi05Policy(Policy):
         attn_mask = mask.bool()[:, None, None, :]  # prefix attends bidirectionally to real tokens
         kv = []
         for layer in self.vlm.language_model.layers:
-            x, layer_kv = gemma_layer(layer, x, cos, sin, attn_mask)
+            x, layer_kv = layer(x, cos, sin, attn_mask)
             kv.append(layer_kv)
         out = self.vlm.language_model.norm(x)
         return {"kv": kv, "mask": mask, "length": mask.sum(1), "out": out}
@@ -764,7 +814,7 @@ class Pi05Policy(Policy):
         attn_mask = torch.cat([prefix["mask"].bool()[:, None, None, :].expand(B, 1, H, -1),
                                torch.ones(B, 1, H, H, dtype=torch.bool, device=self.device)], dim=-1)
         for layer, past_kv in zip(self.expert.layers, prefix["kv"]):
-            h, _ = gemma_layer(layer, h, cos, sin, attn_mask, past_kv=past_kv, cond=cond)
+            h, _ = layer(h, cos, sin, attn_mask, past_kv=past_kv, cond=cond)
         h, _ = self.expert.norm(h, cond)
         v = self.action_out_proj(h)[..., : self.action_dim]
         return v.float(), h

@@ -48,6 +48,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -527,7 +528,7 @@ def main(args: Args):
             for k, v in values.items():
                 writer.add_scalar(k, v, global_step)
 
-    def evaluate_and_save(iteration, final=False):
+    def evaluate_and_save(iteration, final=False, evaluate=True):
         nonlocal last_good
         state = trainer_state(iteration) if iteration > 0 else None  # collective under torchrun
         ckpt_dir = ckpt_root / str(iteration)
@@ -537,14 +538,15 @@ def main(args: Args):
             return
         t0, scores = time.time(), {}
         policy.eval()
-        for domain, env in eval_envs.items():
+        for domain, env in (eval_envs.items() if evaluate else ()):
             video = run_dir / "videos" / f"iter{iteration}_{domain}.mp4" if args.save_video else None
             scores[f"eval/success_{domain}"] = evaluate_success(
                 policy, env, eval_seeds, H, args.eval_deterministic, video)
         scores["perf/eval_time"] = time.time() - t0
-        log(iteration, scores)
-        tqdm.write(f"iteration {iteration}: " + ", ".join(
-            f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items() if k.startswith("eval/")))
+        if evaluate:
+            log(iteration, scores)
+            tqdm.write(f"iteration {iteration}: " + ", ".join(
+                f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items() if k.startswith("eval/")))
         if iteration == 0:
             return
         save_checkpoint(policy, ckpt_dir, {**extra, "iteration": iteration, **scores}, state)
@@ -586,11 +588,24 @@ def main(args: Args):
     act_store: dict[str, torch.Tensor] = {}  # what policy.act returned, per key [T, B, ...]
     logprobs, values, rewards, dones, bootstrap_values, discounts = (torch.zeros((T, B)) for _ in range(6))
 
+    # ---- Ctrl-C / SIGTERM: finish the iteration under way, save it, stop (--resume continues
+    # exactly from there); a second Ctrl-C stops at once, losing only that iteration -----------------
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        if is_main:
+            tqdm.write(f"\n{signal.Signals(signum).name}: finishing iteration {iteration}, then saving a "
+                       f"checkpoint (Ctrl-C again to stop now)")
+
     if start_iter == 0:
         evaluate_and_save(0)  # the starting point: success before Stage II
     progress = tqdm(total=args.total_env_steps, initial=global_step, disable=not is_main, desc="Stage II",
                     unit="step")
     iteration = start_iter
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     while global_step < args.total_env_steps:  # the budget counts executed env steps, all processes
         iteration += 1
         # ================= rollout in sim =================
@@ -760,7 +775,25 @@ def main(args: Args):
             evaluate_and_save(iteration, final=True)
         elif args.eval_every and iteration % args.eval_every == 0:
             evaluate_and_save(iteration)
+        if global_step < args.total_env_steps and all_sum([float(bool(stop_requested))])[0] > 0:
+            if not (args.eval_every and iteration % args.eval_every == 0):  # else just saved
+                evaluate_and_save(iteration, evaluate=False)
+            break
     progress.close()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    if global_step < args.total_env_steps:  # stopped by a signal: all processes stop together
+        train_env.close()
+        for env in eval_envs.values():
+            env.close()
+        if is_main:
+            print(f"stopped after iteration {iteration} ({global_step} of {args.total_env_steps} env steps): "
+                  f"{ckpt_root / str(iteration)}; continue with --resume")
+            writer.close()
+            metrics_file.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+        sys.exit(130)
     if iteration == start_iter and is_main:
         print(f"nothing to do: the run already took {global_step} of {args.total_env_steps} env steps")
 
@@ -776,4 +809,7 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now; the last saved checkpoint stays
+        sys.exit("\ninterrupted: the iteration under way is lost; --resume continues from the last checkpoint")

@@ -12,6 +12,7 @@ bandit: that is how the torchrun test starts its two processes.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -442,6 +443,40 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch, kind):
     assert [r["iteration"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x["losses/loss"] == y["losses/loss"] and x["global_step"] == y["global_step"]
+
+
+def test_ctrl_c_finishes_the_iteration_saves_it_and_resume_continues_exactly(files, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    use_bandit(monkeypatch)
+    small = dict(num_envs=4, num_steps=2, update_epochs=1)
+    straight = bandit_args(files, tmp_path, "pi05", iterations=4, run_name="straight", **small)
+    stage2.main(straight)
+
+    class CtrlCBandit(BanditEnv):  # Ctrl-C in the middle of iteration 2's rollout (2 steps each)
+        calls = 0
+
+        def step(self, action, render=True):
+            CtrlCBandit.calls += 1
+            if CtrlCBandit.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().step(action, render)
+
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: CtrlCBandit(args.num_envs, size))
+    interrupted = bandit_args(files, tmp_path, "pi05", iterations=4, run_name="resumed", **small)
+    with pytest.raises(SystemExit) as e:
+        stage2.main(interrupted)
+    assert e.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    ckpts = Path(interrupted.runs_dir) / "resumed/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"]  # iteration 2 finished and saved, no final
+    assert [r["iteration"] for r in train_rows(read_metrics(interrupted))] == [1, 2]
+
+    use_bandit(monkeypatch)
+    stage2.main(bandit_args(files, tmp_path, "pi05", iterations=4, run_name="resumed", resume=True, **small))
+    a = load_file(Path(straight.runs_dir) / "straight/checkpoints/final/model.safetensors")
+    b = load_file(ckpts / "final/model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.e2e

@@ -1,0 +1,495 @@
+"""The paper's whole study (Tables I-II, Figs. 4-7 of shared/seed, sec. V): `make reproduce` runs this.
+
+    python reproduce.py                          # SCALE=cpu: tiny policies, small counts (hours on 2 cores)
+    python reproduce.py --scale gpu              # full demo counts, GPU simulation, longer training
+    python reproduce.py --only table1 fig7 --tasks open_drawer
+    python reproduce.py --dry-run                # print the plan (the commands) and run nothing
+
+Every experiment is a set of runs of the project's scripts, each printed before it runs:
+collect_demos.py (datasets), stage1_sft_cotrain.py (Stage I), stage2_rl_cotrain.py (Stage II) and
+eval_real.py proxy (success on identical proxy_real initial states, mean +- std over repeats). A run
+that two experiments need is made once (Table I's open_drawer pi05 runs are also points of Figs. 4
+and 7). Rerunning reuses what is done: a dataset resumes to its requested size (a bigger one of the
+same task and domain starts as a copy of the next smaller one: collect_demos.py writes episodes in
+attempt order, so the first N episodes are the same), a stage whose final checkpoint exists is
+skipped (an interrupted one resumes from its last checkpoint), and an evaluation is redone only
+when its checkpoint changed.
+
+Writes, under --out-dir (default results/reproduce_<scale>/): table1/table2 .json + .md, fig4-fig7
+.json + .md + .png, summary.md (everything in one page), timings.jsonl (wall time of every command),
+and evals/ (one eval_real.py output per run and variant).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import tyro
+
+from eval_real import format_cell, load_records, summarize, to_markdown
+
+TASKS = ("pick_and_place", "push_cube", "open_drawer", "close_drawer")  # envs.TASKS (importing envs loads ManiSkill)
+POLICIES = {"openvla": "OpenVLA", "pi05": "pi0.5"}
+VARIANTS = ("in_distribution", "unseen_objects", "unseen_states")
+EXPERIMENTS = ("table1", "table2", "fig4", "fig5", "fig6", "fig7")
+IMAGE_SIZE = 64  # the tiny policies' input size: bigger demos would only cost collection time
+# Stage I sim ratio of "SFT co-training" and the start of RL-Co: the paper's Fig. 4 picks 0.5 for
+# pick_and_place and 0.95 for open_drawer; it does not report the other two tasks' ratio.
+COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "close_drawer": 0.5}
+BETA = 0.1  # Stage II real-SFT weight of RL-Co (Eq. 5) wherever a figure does not sweep it
+FIG5_TASK = "pick_and_place"  # the paper's ablations (sec. V-C) use pick_and_place with pi0.5
+FIG7_TASK = "open_drawer"
+
+# Per scale: demo counts, Stage I steps and batch, Stage II env steps (None: the script's preset for
+# tiny policies), evaluation episodes x repeats, the sweeps and the seeds.
+SCALES = {
+    "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1000, stage1_batch=32,
+                stage2_env_steps=4000, stage2_num_envs=None, stage2_eval_episodes=None, stage2_eval_num_envs=None,
+                eval_episodes=16, repeats=2, eval_num_envs=4, sim_backend="cpu",
+                alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig5_seeds=(1,), fig7_real=(20, 50, 100)),
+    "gpu": dict(sim_episodes=1000, real_episodes=50, stage1_steps=5000, stage1_batch=64,
+                stage2_env_steps=300_000, stage2_num_envs=64, stage2_eval_episodes=32, stage2_eval_num_envs=32,
+                eval_episodes=50, repeats=2, eval_num_envs=50, sim_backend="gpu",
+                alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig5_seeds=(1, 2, 3),
+                fig7_real=(20, 50, 100, 200)),
+    "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=4, stage1_batch=8,
+               stage2_env_steps=16, stage2_num_envs=1, stage2_eval_episodes=1, stage2_eval_num_envs=1,
+               eval_episodes=2, repeats=2, eval_num_envs=1, sim_backend="cpu",
+               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig5_seeds=(1, 2), fig7_real=(2, 3)),
+}
+
+
+@dataclass
+class Args:
+    scale: Literal["cpu", "gpu", "ci"] = "cpu"
+    """cpu: tiny policies, small counts (hours on 2 cores); gpu: full demo counts, GPU simulation; ci: a few steps per stage"""
+    only: tuple[Literal["table1", "table2", "fig4", "fig5", "fig6", "fig7"], ...] = EXPERIMENTS
+    """experiments to run (and to tabulate/plot), e.g. --only table1 fig7"""
+    tasks: tuple[Literal["pick_and_place", "push_cube", "open_drawer", "close_drawer"], ...] = TASKS
+    """tasks to run; an experiment whose task is left out is skipped"""
+    dry_run: bool = False
+    """print the plan (every command that would run) and run nothing"""
+    sim_backend: Optional[Literal["cpu", "gpu"]] = None
+    """ManiSkill backend of Stage II and evaluation (default: the scale's, gpu for --scale gpu)"""
+    seed: int = 1
+    """seed of every stage (Fig. 5 adds Stage II seeds)"""
+    data_dir: str = "data"
+    """datasets go to <data-dir>/<task>/<domain>_<episodes>"""
+    runs_dir: Optional[str] = None
+    """training runs (default: runs/reproduce_<scale>)"""
+    out_dir: Optional[str] = None
+    """tables, figures and evaluations (default: results/reproduce_<scale>)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: every command of every experiment, each run once
+# ----------------------------------------------------------------------------------------------
+def tag(x: float) -> str:
+    """0.95 -> "0p95": names without dots (eval_real.py's --name and Path.with_suffix cut at a dot)."""
+    return f"{x:g}".replace(".", "p")
+
+
+def build_plan(args: Args) -> tuple[dict, dict]:
+    """(steps, inputs). steps: key -> step dict, in run order (what a step needs comes before it);
+    inputs: experiment -> the list of points it tabulates, each naming the eval or metrics it reads."""
+    S = SCALES[args.scale]
+    py = sys.executable
+    data, runs = Path(args.data_dir), Path(args.runs_dir)
+    evals = Path(args.out_dir) / "evals"
+    backend = args.sim_backend or S["sim_backend"]
+    steps = {}
+
+    def dataset(task, domain, n):
+        out = data / task / f"{domain}_{n}"
+        if str(out) not in steps:
+            steps[str(out)] = dict(kind="collect", out=out, n=n, cmd=[
+                py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
+                "--out", str(out), "--image-size", str(IMAGE_SIZE), "--seed", str(args.seed)])
+        return out
+
+    def stage1(task, policy, alpha, n_real):
+        name = f"s1_{task}_{policy}_a{tag(alpha)}" + (f"_r{n_real}" if alpha < 1 else "") + f"_s{args.seed}"
+        if name not in steps:
+            sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))] if alpha > 0 else []
+            real = ["--real-data", str(dataset(task, "proxy_real", n_real))] if alpha < 1 else []
+            # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
+            # checkpoint; --eval-every still writes resumable checkpoints
+            steps[name] = dict(kind="stage1", run=runs / name, cmd=[
+                py, "stage1_sft_cotrain.py", "--task", task, "--policy", policy, "--alpha", f"{alpha:g}", *sim, *real,
+                "--total-steps", str(S["stage1_steps"]), "--batch-size", str(S["stage1_batch"]),
+                "--eval-every", str(max(1, S["stage1_steps"] // 4)), "--eval-domains",
+                "--seed", str(args.seed), "--runs-dir", str(runs), "--run-name", name])
+        return name
+
+    def stage2(task, policy, alpha, beta, n_real, seed):
+        init = stage1(task, policy, alpha, n_real)
+        uses_real = alpha < 1 or beta > 0
+        name = f"s2_{task}_{policy}_a{tag(alpha)}_b{tag(beta)}" + (f"_r{n_real}" if uses_real else "") + f"_s{seed}"
+        if name not in steps:
+            # stage2 reads the real dataset even at beta = 0 (its image size); it then adds no gradient
+            real = dataset(task, "proxy_real", n_real)
+            optional = [(flag, S[key]) for flag, key in (("--num-envs", "stage2_num_envs"),
+                                                         ("--eval-episodes", "stage2_eval_episodes"),
+                                                         ("--eval-num-envs", "stage2_eval_num_envs")) if S[key]]
+            # sim evaluation only: it is Fig. 5's curve; proxy_real is measured by eval_real.py
+            steps[name] = dict(kind="stage2", run=runs / name, cmd=[
+                py, "stage2_rl_cotrain.py", "--task", task, "--init", str(runs / init / "checkpoints" / "final"),
+                "--real-data", str(real), "--beta", f"{beta:g}", "--total-env-steps", str(S["stage2_env_steps"]),
+                *[str(x) for pair in optional for x in pair], "--sim-backend", backend, "--eval-domains", "sim",
+                "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
+        return name
+
+    def evaluation(run, task, variant="in_distribution"):
+        key = f"{run}__{variant}"
+        if key not in steps:
+            steps[key] = dict(kind="eval", out=evals / key, checkpoint=runs / run / "checkpoints" / "final", cmd=[
+                py, "eval_real.py", "proxy", "--checkpoint", str(runs / run / "checkpoints" / "final"),
+                "--names", run, "--task", task, "--variant", variant, "--episodes", str(S["eval_episodes"]),
+                "--repeats", str(S["repeats"]), "--num-envs", str(S["eval_num_envs"]),
+                "--image-size", str(IMAGE_SIZE), "--sim-backend", backend, "--seed", str(args.seed),
+                "--videos", "1", "--name", key, "--out-dir", str(evals)])
+        return key
+
+    n_real, seed = S["real_episodes"], args.seed
+
+    def three_paradigms(task, policy, n=n_real, variants=("in_distribution",)):
+        """Table I's rows for one task and policy: method -> (run, {variant: eval key})."""
+        a = COTRAIN_ALPHA[task]
+        rows = {"Real-only SFT": stage1(task, policy, 0.0, n), "SFT co-train": stage1(task, policy, a, n),
+                "RL-Co": stage2(task, policy, a, BETA, n, seed)}
+        return {m: {v: evaluation(r, task, v) for v in variants} for m, r in rows.items()}
+
+    inputs = {}
+    if "table1" in args.only:
+        inputs["table1"] = [dict(policy=POLICIES[p], method=m, task=t, eval=ev["in_distribution"])
+                            for t in args.tasks for p in POLICIES for m, ev in three_paradigms(t, p).items()]
+    if "table2" in args.only and "pick_and_place" in args.tasks:
+        inputs["table2"] = [dict(method=m, variant=v, eval=key) for m, ev in
+                            three_paradigms("pick_and_place", "pi05", variants=VARIANTS).items() for v, key in ev.items()]
+    if "fig4" in args.only:
+        inputs["fig4"] = []
+        for t in [t for t in ("pick_and_place", "open_drawer") if t in args.tasks]:
+            a = COTRAIN_ALPHA[t]
+            for alpha in sorted(set(S["alphas"]) | {a}):
+                inputs["fig4"].append(dict(task=t, sweep="alpha", x=alpha, eval=evaluation(stage1(t, "pi05", alpha, n_real), t)))
+            for beta in sorted(set(S["betas"]) | {BETA}):
+                inputs["fig4"].append(dict(task=t, sweep="beta", x=beta, alpha=a,
+                                           eval=evaluation(stage2(t, "pi05", a, beta, n_real, seed), t)))
+    if "fig5" in args.only and FIG5_TASK in args.tasks:
+        inputs["fig5"] = [dict(init=label, seed=s, metrics=str(runs / stage2(FIG5_TASK, "pi05", alpha, BETA, n_real, s)
+                                                                 / "metrics.jsonl"))
+                          for label, alpha in (("Real-only SFT init (alpha=0)", 0.0),
+                                               (f"SFT co-train init (alpha={COTRAIN_ALPHA[FIG5_TASK]:g})",
+                                                COTRAIN_ALPHA[FIG5_TASK]))
+                          for s in S["fig5_seeds"]]
+    if "fig6" in args.only and "pick_and_place" in args.tasks:
+        t, a = "pick_and_place", COTRAIN_ALPHA["pick_and_place"]
+        inputs["fig6"] = [dict(setting=label, eval=evaluation(stage2(t, "pi05", alpha, beta, n_real, seed), t))
+                          for label, alpha, beta in (("RL-Co (real data in both stages)", a, BETA),
+                                                     ("no real data in Stage II (beta=0)", a, 0.0),
+                                                     ("no real data in Stage I (alpha=1)", 1.0, BETA),
+                                                     ("no real data in either stage", 1.0, 0.0))]
+    if "fig7" in args.only and FIG7_TASK in args.tasks:
+        inputs["fig7"] = [dict(method=m, n_real=n, eval=ev["in_distribution"]) for n in S["fig7_real"]
+                          for m, ev in three_paradigms(FIG7_TASK, "pi05", n).items()]
+    return steps, inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the plan, skipping what is done
+# ----------------------------------------------------------------------------------------------
+def run(cmd: list[str], args: Args, key: str, kind: str):
+    print("\n$ " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return
+    t0 = time.time()
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"reproduce: step failed: {key} (rerun the same command to continue)")
+    wall = time.time() - t0
+    print(f"  ({wall:.0f} s)")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"key": key, "kind": kind, "wall_s": round(wall, 1), "cmd": shlex.join(cmd[1:])}) + "\n")
+
+
+def episodes_in(dataset: Path) -> int:
+    info = dataset / "meta" / "info.json"
+    return json.loads(info.read_text())["total_episodes"] if info.exists() else 0
+
+
+def collect(step: dict, args: Args):
+    out, n = step["out"], step["n"]
+    if episodes_in(out) >= n:
+        print(f"\n[skip] {out}: holds {episodes_in(out)} episodes")
+        return
+    if not out.exists():  # start from the biggest smaller collection of this task and domain
+        domain = out.name.rsplit("_", 1)[0]
+        smaller = [p for p in out.parent.glob(f"{domain}_*") if p.name.rsplit("_", 1)[1].isdigit()
+                   and int(p.name.rsplit("_", 1)[1]) < n and (p / "meta" / "collection.json").exists()]
+        if smaller:
+            src = max(smaller, key=lambda p: int(p.name.rsplit("_", 1)[1]))
+            print(f"\n$ cp -r {src} {out}")
+            if not args.dry_run:
+                tmp = out.with_name(out.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                tmp.rename(out)
+    run(step["cmd"], args, str(out), "collect")
+
+
+def train(step: dict, args: Args, key: str):
+    final = step["run"] / "checkpoints" / "final"
+    if (final / "config.json").exists():
+        print(f"\n[skip] {key}: {final} exists")
+        return
+    cmd = step["cmd"]
+    if (step["run"] / "args.json").exists():
+        resumable = [p for p in (step["run"] / "checkpoints").glob("*")
+                     if p.name.isdigit() and (p / "trainer_state.pt").exists()]
+        if resumable:
+            cmd = cmd + ["--resume"]
+        else:  # stopped before its first checkpoint: nothing to continue from
+            print(f"\n$ rm -r {step['run']}")
+            if not args.dry_run:
+                shutil.rmtree(step["run"])
+    run(cmd, args, key, step["kind"])
+
+
+def evaluate(step: dict, args: Args, key: str):
+    out, ckpt = step["out"], step["checkpoint"]
+    stamp_file = out.with_suffix(".inputs.json")
+    model = ckpt / "model.safetensors"
+    stamp = {"checkpoint_mtime": model.stat().st_mtime if model.exists() else None, "cmd": step["cmd"][2:]}
+    if out.with_suffix(".json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        print(f"\n[skip] {key}: up to date")
+        return
+    if not args.dry_run:  # <key>.json is written last by eval_real.py: it marks a finished evaluation
+        out.with_suffix(".json").unlink(missing_ok=True)
+    run(step["cmd"], args, key, "eval")
+    if not args.dry_run:
+        stamp["checkpoint_mtime"] = model.stat().st_mtime
+        stamp_file.write_text(json.dumps(stamp, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and figures from the evaluations (pure file work: tests call these on synthetic files)
+# ----------------------------------------------------------------------------------------------
+def eval_records(evals: Path, key: str, method: str | None = None) -> list[dict] | None:
+    """The episode records of a finished evaluation (None if it has not finished), renamed to `method`."""
+    if not (evals / f"{key}.json").exists():
+        return None
+    records = load_records(evals / f"{key}.episodes.jsonl")
+    return [{**r, "method": method or r["method"]} for r in records] or None
+
+
+def point(evals: Path, key: str) -> dict | None:
+    """mean and std (%) over repeats of one evaluation (one run, task and variant)."""
+    records = eval_records(evals, key)
+    if records is None:
+        return None
+    table = summarize(records)
+    cell = table["rows"][0]["cells"][table["columns"][0]]
+    return {"mean": cell["mean"], "std": cell["std"] or 0.0, "per_repeat": cell["per_repeat"]}
+
+
+def series_markdown(head: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def fmt(p: dict | None) -> str:
+    return "-" if p is None else format_cell({"mean": p["mean"], "std": p["std"]})
+
+
+def plot_lines(ax, xs, points, label, marker="o"):
+    """A mean line with a shaded +- std band; missing points are left out."""
+    import numpy as np
+
+    have = [(x, p) for x, p in zip(xs, points) if p is not None]
+    if not have:
+        return
+    x = np.array([h[0] for h in have], float)
+    m = np.array([h[1]["mean"] for h in have])
+    s = np.array([h[1]["std"] for h in have])
+    ax.plot(x, m, marker=marker, label=label)
+    ax.fill_between(x, m - s, m + s, alpha=0.2)
+
+
+def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
+    """Writes every table and figure whose inputs exist; returns {experiment: [files written]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written, pages = {}, []
+    note = f" (scale {scale})" if scale else ""
+
+    def save(name, payload, markdown, fig=None):
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / f"{name}.md").write_text(markdown)
+        files = [out / f"{name}.json", out / f"{name}.md"]
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(out / f"{name}.png", dpi=120)
+            plt.close(fig)
+            files.append(out / f"{name}.png")
+        written[name] = [str(f) for f in files]
+        pages.append(markdown + (f"\n![{name}]({name}.png)\n" if fig is not None else ""))
+
+    # Table I: rows = policy x paradigm, columns = tasks (+ Avg), from eval_real's summarize
+    if inputs.get("table1"):
+        records = [eval_records(evals, i["eval"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
+        if all(r is not None for r in records):
+            table = summarize([x for r in records for x in r])
+            alphas = ", ".join(f"{t} {COTRAIN_ALPHA[t]:g}" for t in dict.fromkeys(i["task"] for i in inputs["table1"]))
+            md = (f"### Table I: proxy_real success (%) by training paradigm{note}\n\n" + to_markdown(table)
+                  + f"\nSFT co-train alpha per task: {alphas}; RL-Co: Stage II from the co-train checkpoint, "
+                    f"beta={BETA:g}.\n")
+            save("table1", table, md)
+    # Table II: pick_and_place, pi0.5, columns = variants with the drop from in_distribution
+    if inputs.get("table2"):
+        records = [eval_records(evals, i["eval"], i["method"]) for i in inputs["table2"]]
+        if all(r is not None for r in records):
+            table = summarize([x for r in records for x in r])
+            save("table2", table, f"### Table II: pick_and_place, pi0.5, unseen settings{note}\n\n" + to_markdown(table))
+    # Fig. 4: alpha sweep (SFT co-training) and beta sweep (RL-Co at the task's alpha), per task
+    if inputs.get("fig4"):
+        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig4"]]
+        tasks = list(dict.fromkeys(i["task"] for i in pts))
+        if any(p["mean"] is not None for p in pts):
+            fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 3.4 * len(tasks)), squeeze=False)
+            rows = []
+            for r, task in enumerate(tasks):
+                for c, sweep in enumerate(("alpha", "beta")):
+                    sel = [p for p in pts if p["task"] == task and p["sweep"] == sweep]
+                    ok = [p if p["mean"] is not None else None for p in sel]
+                    ax = axes[r][c]
+                    label = "SFT co-train" if sweep == "alpha" else f"RL-Co (alpha={sel[0].get('alpha', 0):g})"
+                    plot_lines(ax, [p["x"] for p in sel], ok, label)
+                    if sweep == "beta":  # the Stage I checkpoint these runs start from
+                        base = next((p for p in pts if p["task"] == task and p["sweep"] == "alpha"
+                                     and p["x"] == sel[0]["alpha"] and p["mean"] is not None), None)
+                        if base:
+                            ax.axhline(base["mean"], ls="--", color="gray", label="its SFT co-train init")
+                        ax.set_xscale("symlog", linthresh=0.01)
+                    ax.set_xlabel(sweep)
+                    ax.set_ylabel("proxy_real success (%)")
+                    ax.set_title(f"{task}: {sweep} sweep")
+                    ax.set_ylim(-5, 105)
+                    ax.legend(fontsize=8)
+                    rows += [[task, sweep, f"{p['x']:g}", fmt(o)] for p, o in zip(sel, ok)]
+            save("fig4", pts, f"### Fig. 4: co-training ratio alpha and regularization weight beta (pi0.5){note}\n\n"
+                 + series_markdown(["task", "sweep", "value", "success (%)"], rows), fig)
+    # Fig. 5: sim success during Stage II, real-only init vs co-trained init, mean +- std over seeds
+    if inputs.get("fig5"):
+        curves = {}
+        for i in inputs["fig5"]:
+            path = Path(i["metrics"])
+            if not path.exists():
+                continue
+            by_step = {}  # a resumed run may log an evaluation twice: the last one counts
+            for line in path.read_text().splitlines():
+                m = json.loads(line) if line.strip() else {}
+                if "eval/success_sim" in m:
+                    by_step[m["global_step"]] = 100.0 * m["eval/success_sim"]
+            if by_step:
+                curves.setdefault(i["init"], {})[i["seed"]] = by_step
+        if curves:
+            import numpy as np
+
+            payload, rows = {}, []
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for init, seeds in curves.items():
+                common = sorted(set.intersection(*(set(c) for c in seeds.values())))
+                pts = [{"mean": float(np.mean([c[s] for c in seeds.values()])),
+                        "std": float(np.std([c[s] for c in seeds.values()]))} for s in common]
+                payload[init] = {"seeds": sorted(seeds), "env_steps": common, "points": pts}
+                plot_lines(ax, common, pts, f"{init}, {len(seeds)} seed(s)")
+                rows += [[init, s, fmt(p)] for s, p in zip(common, pts)]
+            ax.set_xlabel("Stage II env steps")
+            ax.set_ylabel("sim success (%)")
+            ax.set_ylim(-5, 105)
+            ax.legend(fontsize=8)
+            save("fig5", payload, f"### Fig. 5: sim success during Stage II ({FIG5_TASK}, pi0.5, beta={BETA:g}){note}\n\n"
+                 + series_markdown(["init", "env steps", "sim success (%), mean +- std over seeds"], rows), fig)
+    # Fig. 6: real supervision removed from Stage I, Stage II or both
+    if inputs.get("fig6"):
+        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig6"]]
+        if any(p["mean"] is not None for p in pts):
+            have = [p for p in pts if p["mean"] is not None]
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.bar(range(len(have)), [p["mean"] for p in have], yerr=[p["std"] for p in have], capsize=4)
+            ax.set_xticks(range(len(have)), [p["setting"].replace(" (", "\n(") for p in have], fontsize=8)
+            ax.set_ylabel("proxy_real success (%)")
+            ax.set_ylim(0, 105)
+            save("fig6", pts, f"### Fig. 6: real supervision removed (pick_and_place, pi0.5){note}\n\n"
+                 + series_markdown(["setting", "success (%)"],
+                                   [[p["setting"], fmt(p if p["mean"] is not None else None)] for p in pts]), fig)
+    # Fig. 7: success vs number of real demos, for the three paradigms
+    if inputs.get("fig7"):
+        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig7"]]
+        if any(p["mean"] is not None for p in pts):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            methods = list(dict.fromkeys(p["method"] for p in pts))
+            ns = sorted({p["n_real"] for p in pts})
+            for m in methods:
+                by_n = {p["n_real"]: p for p in pts if p["method"] == m and p["mean"] is not None}
+                plot_lines(ax, ns, [by_n.get(n) for n in ns], m)
+            ax.set_xticks(ns)
+            ax.set_xlabel("real (proxy_real) demos")
+            ax.set_ylabel("proxy_real success (%)")
+            ax.set_ylim(-5, 105)
+            ax.legend(fontsize=8)
+            cell = {(p["method"], p["n_real"]): p for p in pts}
+            rows = [[m] + [fmt(cell[(m, n)] if cell[(m, n)]["mean"] is not None else None) for n in ns]
+                    for m in methods]
+            save("fig7", pts, f"### Fig. 7: number of real demos ({FIG7_TASK}, pi0.5){note}\n\n"
+                 + series_markdown(["method"] + [f"{n} demos" for n in ns], rows), fig)
+    if pages:
+        (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %, mean +- std over evaluation "
+                                        "repeats (Fig. 5: over Stage II seeds).\n\n" + "\n".join(pages))
+    return written
+
+
+def main(args: Args):
+    args.runs_dir = args.runs_dir or f"runs/reproduce_{args.scale}"
+    args.out_dir = args.out_dir or f"results/reproduce_{args.scale}"
+    if (args.sim_backend or SCALES[args.scale]["sim_backend"]) == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # env worker processes share the cores
+    steps, inputs = build_plan(args)
+    kinds = [s["kind"] for s in steps.values()]
+    print(f"reproduce ({args.scale}): {', '.join(inputs) or 'nothing'}: {kinds.count('collect')} datasets, "
+          f"{kinds.count('stage1')} Stage I runs, {kinds.count('stage2')} Stage II runs, "
+          f"{kinds.count('eval')} evaluations" + (" (dry run: nothing runs)" if args.dry_run else ""))
+    t0 = time.time()
+    for key, step in steps.items():
+        if step["kind"] == "collect":
+            collect(step, args)
+        elif step["kind"] == "eval":
+            evaluate(step, args, key)
+        else:
+            train(step, args, key)
+    if args.dry_run:
+        return
+    written = aggregate(inputs, Path(args.out_dir) / "evals", Path(args.out_dir), args.scale)
+    summary = {"args": asdict(args), "scale": SCALES[args.scale], "written": written,
+               "runs": [k for k, s in steps.items() if s["kind"] in ("stage1", "stage2")],
+               "wall_s_this_invocation": time.time() - t0}
+    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nwrote {', '.join(written) or 'nothing'} to {args.out_dir}/ ({time.time() - t0:.0f} s); "
+          f"all of it in {args.out_dir}/summary.md")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

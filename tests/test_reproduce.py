@@ -1,0 +1,295 @@
+"""reproduce.py: the plan (every run once, shared runs shared, every figure's inputs made by some
+step), the skip/resume decisions, and the tables and figures from synthetic evaluation files.
+No envs and no training here: everything is plain file work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval_real  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def make_args(tmp_path, **kw):
+    args = reproduce.Args(data_dir=str(tmp_path / "data"), runs_dir=str(tmp_path / "runs"),
+                          out_dir=str(tmp_path / "results"), **kw)
+    return args
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["ci", "cpu", "gpu"])
+def test_plan_runs_everything_once_and_in_dependency_order(tmp_path, scale):
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale=scale))
+    assert set(inputs) == set(reproduce.EXPERIMENTS)
+    cmds = [tuple(s["cmd"]) for s in steps.values()]
+    assert len(set(cmds)) == len(cmds), "two steps run the same command"
+    outputs = {}  # what each step makes -> its position
+    for i, (key, s) in enumerate(steps.items()):
+        cmd = s["cmd"]
+        if s["kind"] == "collect":
+            made = [flag(cmd, "--out")]
+        elif s["kind"] in ("stage1", "stage2"):
+            assert flag(cmd, "--run-name") == key and str(s["run"]) == str(Path(flag(cmd, "--runs-dir")) / key)
+            made = [str(s["run"] / "checkpoints" / "final"), str(s["run"] / "metrics.jsonl")]
+            # what it reads was made by an earlier step
+            for need in (flag(cmd, "--sim-data"), flag(cmd, "--real-data"), flag(cmd, "--init")):
+                assert need is None or outputs[need] < i, (key, need)
+        else:
+            assert outputs[flag(cmd, "--checkpoint")] < i, key
+            assert flag(cmd, "--name") == key
+            made = [key]
+        for m in made:
+            assert m not in outputs, f"{m} is made twice"
+            outputs[m] = i
+    # every table and figure reads what some step makes
+    for exp, points in inputs.items():
+        assert points, exp
+        for p in points:
+            assert (p["eval"] if "eval" in p else p["metrics"]) in outputs, (exp, p)
+    # the hand count of the cpu study (sweeps include the tasks' own alpha and BETA):
+    # Table I 4 tasks x 2 policies x (2 Stage I + 1 Stage II); Fig. 4 alphas 0.95 and 1 on
+    # pick_and_place, 0.5 and 1 on open_drawer, betas 0 and 1 on both; Fig. 5 the real-only init;
+    # Fig. 6 alpha=1 with beta 0.1 and 0; Fig. 7 two more demo counts x 3 paradigms
+    if scale == "cpu":
+        kinds = [s["kind"] for s in steps.values()]
+        assert kinds.count("stage1") == 16 + 4 + 4
+        assert kinds.count("stage2") == 8 + 4 + 1 + 2 + 2
+        assert kinds.count("eval") == 24 + 6 + 8 + 2 + 6
+        assert kinds.count("collect") == 4 * 2 + 2  # sim + real per task, Fig. 7's 50 and 100 demos
+
+
+def test_plan_shares_runs_between_experiments(tmp_path):
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu"))
+    S = reproduce.SCALES["cpu"]
+    t1 = {(p["task"], p["policy"], p["method"]): p["eval"] for p in inputs["table1"]}
+    od = {m: t1[("open_drawer", "pi0.5", m)] for m in ("Real-only SFT", "SFT co-train", "RL-Co")}
+    pp = {m: t1[("pick_and_place", "pi0.5", m)] for m in ("Real-only SFT", "SFT co-train", "RL-Co")}
+    fig4 = {(p["task"], p["sweep"], p["x"]): p["eval"] for p in inputs["fig4"]}
+    assert fig4[("open_drawer", "alpha", 0.0)] == od["Real-only SFT"]
+    assert fig4[("open_drawer", "alpha", 0.95)] == od["SFT co-train"]
+    assert fig4[("open_drawer", "beta", 0.1)] == od["RL-Co"]
+    assert fig4[("pick_and_place", "alpha", 0.5)] == pp["SFT co-train"]
+    fig7 = {(p["method"], p["n_real"]): p["eval"] for p in inputs["fig7"]}
+    assert {m: fig7[(m, S["real_episodes"])] for m in od} == od
+    assert len(set(fig7.values())) == len(fig7)
+    t2 = {(p["method"], p["variant"]): p["eval"] for p in inputs["table2"]}
+    assert {m: t2[(m, "in_distribution")] for m in pp} == pp
+    assert {k[1] for k in t2} == set(reproduce.VARIANTS)
+    fig6 = [p["eval"] for p in inputs["fig6"]]
+    assert fig6[0] == pp["RL-Co"] and fig6[1] == fig4[("pick_and_place", "beta", 0.0)]
+    assert len(set(fig6)) == 4
+    # Fig. 5: the co-trained init's curve is Table I's RL-Co run; the real-only init starts from
+    # Table I's real-only Stage I checkpoint
+    rlco_run = steps[pp["RL-Co"]]["checkpoint"].parent.parent
+    fig5 = {p["init"]: p["metrics"] for p in inputs["fig5"]}
+    assert str(rlco_run / "metrics.jsonl") in fig5.values()
+    real_only = next(m for k, m in fig5.items() if "alpha=0)" in k)
+    real_only_init = flag(steps[Path(real_only).parent.name]["cmd"], "--init")
+    assert real_only_init == str(steps[pp["Real-only SFT"]]["checkpoint"])
+    # the real data of Fig. 7's points: one dataset per demo count, Table I's for its own count
+    for (m, n), key in fig7.items():
+        run = steps[Path(flag(steps[key]["cmd"], "--checkpoint")).parent.parent.name]
+        assert flag(run["cmd"], "--real-data").endswith(f"proxy_real_{n}")
+
+
+def test_only_and_tasks_restrict_the_plan(tmp_path):
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",)))
+    assert set(inputs) == {"table1"}
+    kinds = [s["kind"] for s in steps.values()]
+    assert (kinds.count("collect"), kinds.count("stage1"), kinds.count("stage2"), kinds.count("eval")) == (2, 4, 2, 6)
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table2", "fig5", "fig7"),
+                                                   tasks=("open_drawer",)))
+    assert set(inputs) == {"fig7"}  # Table II and Fig. 5 are pick_and_place experiments
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
+    cmd = [sys.executable, "reproduce.py", "--dry-run", "--scale", "ci", "--only", "table1", "--tasks", "open_drawer",
+           "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+           "--out-dir", str(tmp_path / "results")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = [line[2:] for line in done.stdout.splitlines() if line.startswith("$ ")]
+    steps, _ = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",)))
+    import shlex
+    assert printed == [shlex.join(s["cmd"]) for s in steps.values()]
+    assert "2 datasets, 4 Stage I runs, 2 Stage II runs, 6 evaluations" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_skip_resume_and_restart_decisions(tmp_path, capsys, monkeypatch):
+    args = make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",), dry_run=True)
+    steps, _ = reproduce.build_plan(args)
+    s1, s1b, s2 = [k for k, s in steps.items() if s["kind"] in ("stage1", "stage2")][:3]
+    sim_step = next(s for s in steps.values() if s["kind"] == "collect" and s["out"].name.startswith("sim_"))
+    real_step = next(s for s in steps.values() if s["kind"] == "collect" and s["out"].name.startswith("proxy_real_"))
+    # a finished Stage I run is skipped; an interrupted one with a checkpoint resumes; one that
+    # stopped before its first checkpoint starts again
+    (steps[s1]["run"] / "checkpoints" / "final").mkdir(parents=True)
+    (steps[s1]["run"] / "checkpoints" / "final" / "config.json").write_text("{}")
+    (steps[s1b]["run"] / "checkpoints" / "2").mkdir(parents=True)
+    (steps[s1b]["run"] / "args.json").write_text("{}")
+    (steps[s1b]["run"] / "checkpoints" / "2" / "trainer_state.pt").write_text("")
+    steps[s2]["run"].mkdir(parents=True)
+    (steps[s2]["run"] / "args.json").write_text("{}")
+    # a dataset with enough episodes is skipped; a bigger one starts as a copy of a smaller one
+    sim = sim_step["out"]
+    (sim / "meta").mkdir(parents=True)
+    (sim / "meta" / "info.json").write_text(json.dumps({"total_episodes": sim_step["n"]}))
+    smaller = real_step["out"].with_name("proxy_real_1")
+    (smaller / "meta").mkdir(parents=True)
+    (smaller / "meta" / "collection.json").write_text("{}")
+    (smaller / "meta" / "info.json").write_text(json.dumps({"total_episodes": 1}))
+    reproduce.main(args)
+    out = capsys.readouterr().out
+    assert f"[skip] {sim}" in out and f"[skip] {s1}:" in out
+    resumed = next(line for line in out.splitlines() if f"--run-name {s1b}" in line)
+    assert resumed.endswith("--resume")
+    assert f"$ rm -r {steps[s2]['run']}" in out
+    assert next(line for line in out.splitlines() if f"--run-name {s2}" in line).endswith(s2)
+    assert f"$ cp -r {smaller} {real_step['out']}" in out
+    assert steps[s2]["run"].exists() and not real_step["out"].exists()  # a dry run changes nothing
+
+    # the real thing, with the scripts replaced by a recorder
+    ran = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    args.dry_run = False
+    reproduce.collect(real_step, args)
+    assert (real_step["out"] / "meta" / "collection.json").exists() and ran[-1] == real_step["cmd"]
+    reproduce.train(steps[s2], args, s2)
+    assert not steps[s2]["run"].exists() and "--resume" not in ran[-1]
+    # an evaluation is redone when its checkpoint changes, else skipped
+    ev = next(k for k, s in steps.items() if s["kind"] == "eval")
+    ckpt = steps[ev]["checkpoint"]
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "model.safetensors").write_text("a")
+    steps[ev]["out"].parent.mkdir(parents=True, exist_ok=True)
+    steps[ev]["out"].with_suffix(".json").write_text("{}")  # as eval_real.py would at its end
+    n = len(ran)
+    reproduce.evaluate(steps[ev], args, ev)
+    assert len(ran) == n + 1 and not steps[ev]["out"].with_suffix(".json").exists()  # stale result removed first
+    steps[ev]["out"].with_suffix(".json").write_text("{}")
+    reproduce.evaluate(steps[ev], args, ev)
+    assert len(ran) == n + 1
+    import os
+    st = (ckpt / "model.safetensors").stat()
+    os.utime(ckpt / "model.safetensors", (st.st_atime, st.st_mtime + 10))
+    reproduce.evaluate(steps[ev], args, ev)
+    assert len(ran) == n + 2
+    timings = [json.loads(line) for line in (tmp_path / "results" / "timings.jsonl").read_text().splitlines()]
+    assert [t["kind"] for t in timings] == ["collect", "stage2", "eval", "eval"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and figures from synthetic evaluations
+# ---------------------------------------------------------------------------------------------
+def write_eval(evals: Path, key: str, cmd: list[str], wins: tuple[int, int], episodes: int = 4):
+    """An evaluation as eval_real.py proxy leaves it: <key>.episodes.jsonl, then <key>.json/.md."""
+    records = [{"method": flag(cmd, "--names"), "checkpoint": flag(cmd, "--checkpoint"), "task": flag(cmd, "--task"),
+                "variant": flag(cmd, "--variant"), "domain": "proxy_real", "repeat": r, "seed": 1_000_000 + i,
+                "success": i < w, "steps": 10} for r, w in enumerate(wins) for i in range(episodes)]
+    for rec in records:
+        eval_real.append_record(evals / f"{key}.episodes.jsonl", rec)
+    eval_real.write_table(eval_real.summarize(records), evals / key)
+
+
+def md_row(text: str, first: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
+    args = make_args(tmp_path, scale="ci")
+    steps, inputs = reproduce.build_plan(args)
+    evals, out = tmp_path / "results" / "evals", tmp_path / "results"
+    by = lambda exp, **kw: next(p["eval"] for p in inputs[exp] if all(p[k] == v for k, v in kw.items()))  # noqa: E731
+    special = {  # key -> successes of 4 episodes in repeat 0 and 1; every other evaluation: 2/4 and 2/4
+        by("table1", task="open_drawer", policy="pi0.5", method="RL-Co"): (3, 1),      # 75, 25 -> 50 +- 25
+        by("table2", method="RL-Co", variant="unseen_objects"): (1, 1),                # 25 +- 0, drop 50 %
+        by("fig4", task="open_drawer", sweep="alpha", x=0.5): (4, 3),                  # 87.5 +- 12.5
+        by("fig6", setting="no real data in either stage"): (0, 1),                    # 12.5 +- 12.5
+        by("fig7", method="SFT co-train", n_real=3): (1, 2),                           # 37.5 +- 12.5
+    }
+    for key, s in steps.items():
+        if s["kind"] == "eval":
+            write_eval(evals, key, s["cmd"], special.get(key, (2, 2)))
+    # Fig. 5 curves: seed 1 logs step 100 twice (a resumed run: the last one counts) and a step
+    # seed 2 never reached (left out of the mean)
+    logs = {1: [(0, 0.0), (100, 0.9), (100, 0.1), (200, 0.2), (300, 0.5)], 2: [(0, 0.0), (100, 0.3), (200, 0.2)]}
+    for p in inputs["fig5"]:
+        path = Path(p["metrics"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [{"iteration": 1, "global_step": 50, "train/loss": 1.0}]
+        lines += [{"iteration": i, "global_step": g, "eval/success_sim": v} for i, (g, v) in enumerate(logs[p["seed"]])]
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    written = reproduce.aggregate(inputs, evals, out, "ci")
+    assert set(written) == set(reproduce.EXPERIMENTS)
+    for files in written.values():
+        for f in files:
+            assert Path(f).stat().st_size > 0
+            if f.endswith(".png"):
+                assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    t1 = json.loads((out / "table1.json").read_text())
+    assert t1["columns"] == list(reproduce.TASKS) + ["Avg"]
+    rows = {r["method"]: r["cells"] for r in t1["rows"]}
+    assert len(rows) == 6 and "pi0.5: RL-Co" in rows and "OpenVLA: Real-only SFT" in rows
+    cell = rows["pi0.5: RL-Co"]["open_drawer"]
+    assert (cell["mean"], cell["std"]) == pytest.approx((50.0, 25.0))
+    # Avg per repeat over the 4 tasks: (3 * 50 + 75) / 4 = 56.25 and (3 * 50 + 25) / 4 = 43.75
+    assert (rows["pi0.5: RL-Co"]["Avg"]["mean"], rows["pi0.5: RL-Co"]["Avg"]["std"]) == pytest.approx((50.0, 6.25))
+    assert (rows["OpenVLA: RL-Co"]["Avg"]["mean"], rows["OpenVLA: RL-Co"]["Avg"]["std"]) == pytest.approx((50.0, 0.0))
+    md = (out / "table1.md").read_text()
+    assert md_row(md, "pi0.5: RL-Co")[1:] == ["50.0 +- 0.0", "50.0 +- 0.0", "50.0 +- 25.0", "50.0 +- 0.0", "50.0 +- 6.2"]
+
+    t2 = json.loads((out / "table2.json").read_text())
+    assert t2["columns"] == list(reproduce.VARIANTS)
+    c = next(r for r in t2["rows"] if r["method"] == "RL-Co")["cells"]["unseen_objects"]
+    assert (c["mean"], c["std"], c["drop_pct"]) == pytest.approx((25.0, 0.0, 50.0))
+    assert md_row((out / "table2.md").read_text(), "RL-Co")[2] == "25.0 +- 0.0 (-50.0%)"
+
+    f4 = json.loads((out / "fig4.json").read_text())
+    p = next(p for p in f4 if p["task"] == "open_drawer" and p["sweep"] == "alpha" and p["x"] == 0.5)
+    assert (p["mean"], p["std"]) == pytest.approx((87.5, 12.5))
+    assert sorted(p["x"] for p in f4 if p["task"] == "open_drawer" and p["sweep"] == "alpha") == [0.0, 0.5, 0.95, 1.0]
+    assert "| open_drawer | alpha | 0.5 | 87.5 +- 12.5 |" in (out / "fig4.md").read_text()
+
+    f5 = json.loads((out / "fig5.json").read_text())
+    assert len(f5) == 2
+    for curve in f5.values():
+        assert curve["seeds"] == [1, 2] and curve["env_steps"] == [0, 100, 200]
+        assert [q["mean"] for q in curve["points"]] == pytest.approx([0.0, 20.0, 20.0])
+        assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 10.0, 0.0])
+
+    f6 = json.loads((out / "fig6.json").read_text())
+    assert [p["mean"] for p in f6] == pytest.approx([50.0, 50.0, 50.0, 12.5])
+    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 12.5])
+    assert "| no real data in either stage | 12.5 +- 12.5 |" in (out / "fig6.md").read_text()
+
+    f7md = (out / "fig7.md").read_text()
+    assert md_row(f7md, "method") == ["method", "2 demos", "3 demos"]
+    assert md_row(f7md, "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "37.5 +- 12.5"]
+    summary = (out / "summary.md").read_text()
+    for name in reproduce.EXPERIMENTS:
+        assert (out / f"{name}.md").read_text() in summary
+
+    # an evaluation that has not finished (eval_real.py writes <key>.json last) counts as missing:
+    # the table that needs it is not written, a figure shows the point as "-"
+    (evals / f"{by('fig7', method='SFT co-train', n_real=3)}.json").unlink()
+    (evals / f"{by('table1', task='push_cube', policy='OpenVLA', method='RL-Co')}.json").unlink()
+    out2 = tmp_path / "partial"
+    written = reproduce.aggregate(inputs, evals, out2, "ci")
+    assert "table1" not in written and "fig7" in written and not (out2 / "table1.json").exists()
+    assert md_row((out2 / "fig7.md").read_text(), "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "-"]

@@ -7,7 +7,9 @@ dataset with probability 1 - alpha, independently per sample (Eq. 4 of the paper
 by sampling as in its reference [42], not by concatenating the datasets). alpha = 0 is the
 real-only baseline and alpha = 1 sim-only: the same script makes every SFT baseline.
 
-Runs unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel; gloo on CPU).
+Runs unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel; gloo on CPU). With
+--fsdp the processes shard the model instead of replicating it (PyTorch FSDP2, one unit per
+transformer layer), for full fine-tuning that does not fit one GPU.
 The global batch is drawn once from one seeded generator and every rank takes its own slice, so
 N processes see exactly the samples a single process with the same global batch would see.
 
@@ -110,6 +112,10 @@ class Args:
     """auto, cpu or cuda"""
     policy_overrides: dict[str, float] = field(default_factory=dict)
     """extra make_policy overrides for a new run, e.g. --policy-overrides num_steps 4"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer layer's activations in backward instead of storing them: less memory, about a third more compute"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2, one unit per transformer layer) instead of replicating them (DDP); for full fine-tuning that does not fit one GPU. Evaluation and checkpoints gather the whole model on process 0, on the CPU"""
 
 
 def fail(msg: str):
@@ -251,6 +257,19 @@ def latest_step_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
+def gathered_policy(model, policy, is_main: bool):
+    """(--fsdp) The whole policy, gathered from the shards onto process 0's CPU, for evaluation and
+    saving; None on the other processes. Collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    whole = policies.empty_policy(policy.config, policy.tokenizer)
+    whole.configure_training()
+    whole.load_state_dict({k.removeprefix("policy."): v for k, v in state.items()}, assign=True)
+    return whole
+
+
 def main(args: Args):
     # ---- distributed set-up (torchrun sets these variables) ---------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -315,18 +334,35 @@ def main(args: Args):
         if policy.kind != args.policy:
             fail(f"{resume_from} holds a {policy.kind} policy, but --policy is {args.policy}")
     else:
+        if args.fsdp:  # one init on every process: DDP broadcasts rank 0's weights, FSDP does not
+            torch.manual_seed(args.seed)
         policy = policies.make_policy(args.policy, args.size, args.pretrained, chunk_size=chunk_size,
                                       action_dim=first.action_dim, state_dim=first.state_dim,
                                       instructions=instructions, norm_stats=norm_stats,
                                       **args.policy_overrides)
+        if args.fsdp:
+            torch.manual_seed(args.seed + rank)
     for ds, _ in sources:
         try:
             demos.check_dims(ds, policy)
         except ValueError as e:
             fail(str(e))
-    policy.to(device).train()
+    if args.gradient_checkpointing:
+        policy.set_gradient_checkpointing(True)
+    policy.train()
     model = SFTLoss(policy)
-    if world_size > 1:  # the value/noise heads get no SFT gradient, hence find_unused_parameters
+    if args.fsdp:
+        if world_size < 2:
+            fail("--fsdp shards the model over torchrun processes: run under torchrun --nproc_per_node N, N >= 2")
+        from torch.distributed.fsdp import fully_shard
+        # one unit per layer, the rest (embeddings, projector, heads) in the root unit; fully_shard
+        # moves each process's shards to its device, so the whole model never sits on one GPU
+        for layer in policy.transformer_layers():
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        policy.to(device)
+    if world_size > 1 and not args.fsdp:  # the value/noise heads get no SFT gradient, hence find_unused_parameters
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas,
@@ -339,7 +375,13 @@ def main(args: Args):
 
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:  # saved whole (see trainer_state); each process keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            # strict=False: heads that get no SFT gradient (value, noise) never had AdamW state
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         mixer.load_state_dict(state["mixer"])
         augment_rng.set_state(state["augment_rng"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
@@ -355,7 +397,13 @@ def main(args: Args):
             aug, trng = [None] * world_size, [None] * world_size
             dist.all_gather_object(aug, augment_rng.get_state())
             dist.all_gather_object(trng, torch.get_rng_state())
-        return {"optimizer": optimizer.state_dict(), "mixer": mixer.state_dict(),
+        if args.fsdp:  # the whole AdamW state, gathered onto process 0 (collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        else:
+            optim_state = optimizer.state_dict()
+        return {"optimizer": optim_state, "mixer": mixer.state_dict(),
                 "augment_rng": aug, "torch_rng": trng, "step": step, "best_score": best_score}
 
     extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "args": asdict(args)}
@@ -382,27 +430,28 @@ def main(args: Args):
     def evaluate_and_save(step, final=False):
         nonlocal best_score
         state = trainer_state(step)  # collective under torchrun: every rank calls it
+        whole = gathered_policy(model, policy, is_main) if args.fsdp else policy  # collective too
         if not is_main:
             return
         scores = {}
         for domain in args.eval_domains:
             video = run_dir / "videos" / f"step{step}_{domain}.mp4" if args.save_video else None
             scores[f"eval/success_{domain}"] = evaluate_success(
-                policy, args.task, domain, args.eval_episodes, image_size, args.eval_num_envs,
+                whole, args.task, domain, args.eval_episodes, image_size, args.eval_num_envs,
                 args.eval_max_steps, video)
         log(step, scores)
         print(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items()))
         ckpt_dir = ckpt_root / str(step)
-        save_checkpoint(policy, ckpt_dir, {**extra, "step": step, **scores}, state)
+        save_checkpoint(whole, ckpt_dir, {**extra, "step": step, **scores}, state)
         score = scores.get("eval/success_proxy_real", scores.get("eval/success_sim", 0.0))
         if score > best_score:
             best_score = score
-            save_checkpoint(policy, ckpt_root / "best", {**extra, "step": step, **scores}, None)
+            save_checkpoint(whole, ckpt_root / "best", {**extra, "step": step, **scores}, None)
         for old in ckpt_root.glob("*"):  # keep the last step checkpoint (and best/, final/)
             if old.name.isdigit() and old != ckpt_dir:
                 shutil.rmtree(old)
         if final:
-            save_checkpoint(policy, ckpt_root / "final", {**extra, "step": step, **scores}, None)
+            save_checkpoint(whole, ckpt_root / "final", {**extra, "step": step, **scores}, None)
 
     # ---- training loop --------------------------------------------------------------------------
     step = start_step
@@ -425,6 +474,8 @@ def main(args: Args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if args.fsdp:
+                grad_norm = grad_norm.full_tensor()  # a replicated DTensor under FSDP
             optimizer.step()
             step += 1
             n_window += args.batch_size
@@ -450,8 +501,9 @@ def main(args: Args):
         if is_main:
             print(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume")
         state = trainer_state(step)
+        whole = gathered_policy(model, policy, is_main) if args.fsdp else policy
         if is_main:
-            save_checkpoint(policy, ckpt_root / str(step), {**extra, "step": step}, state)
+            save_checkpoint(whole, ckpt_root / str(step), {**extra, "step": step}, state)
         sys.exit(130)
     progress.close()
     evaluate_and_save(step, final=True)

@@ -1,14 +1,16 @@
-# RL-Co: the two commands of the README.
-#   make quickstart   set-up, then a small end-to-end run
-#   make test         set-up, then the whole pytest suite
+# RL-Co: the commands of the README.
+#   make quickstart              set-up, then a small end-to-end run
+#   make reproduce SCALE=cpu|gpu set-up, then the whole study (Tables I-II, Figs. 4-7)
+#   make test                    set-up, then the whole pytest suite
 # Set-up is idempotent and quiet when already done.
 
 PYTHON ?= python3
+SCALE  ?= cpu
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast clean-runs
+.PHONY: setup quickstart reproduce test test-fast clean-runs
 
 setup: $(STAMP) .vulkan-ok
 
@@ -31,6 +33,9 @@ $(STAMP): requirements.txt | $(VENV)/bin/python
 
 quickstart: setup
 	$(PY) quickstart.py
+
+reproduce: setup
+	$(PY) reproduce.py --scale $(SCALE)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -27,12 +27,17 @@ from typing import Literal
 
 import tyro
 
-# Per scale: demo counts, Stage I steps, Stage II env steps, evaluation episodes.
+# Per scale: demo counts, Stage I steps, Stage II env steps, evaluation episodes. monitor_episodes:
+# the training scripts' own sim/proxy_real evaluations (0: none, which also saves their env start-up,
+# tens of seconds each on a CPU); stage2_num_envs: None = the script's preset; eval_num_envs: None =
+# eval_real.py's default (1 runs in this process: no worker processes to start).
 SCALES = {
     "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1500, stage1_batch=32,
-                stage2_env_steps=6000, eval_episodes=20, stage1_eval_every=0, monitor_episodes=4),
-    "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=6, stage1_batch=8,
-               stage2_env_steps=32, eval_episodes=2, stage1_eval_every=0, monitor_episodes=1),
+                stage2_env_steps=6000, eval_episodes=20, stage1_eval_every=0, monitor_episodes=4,
+                stage2_num_envs=None, eval_num_envs=None),
+    "ci": dict(sim_episodes=4, real_episodes=3, stage1_steps=6, stage1_batch=8,
+               stage2_env_steps=32, eval_episodes=2, stage1_eval_every=0, monitor_episodes=0,
+               stage2_num_envs=1, eval_num_envs=1),
 }
 
 
@@ -99,7 +104,8 @@ def main(args: Args):
              "--alpha", str(alpha), "--sim-data", str(sim_data), "--real-data", str(real_data),
              "--total-steps", str(scale["stage1_steps"]), "--batch-size", str(scale["stage1_batch"]),
              "--eval-every", str(scale["stage1_eval_every"]),
-             "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
+             *(["--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1"]
+               if scale["monitor_episodes"] else ["--eval-domains"]),
              "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
     # 4. Stage II: RL-Co from the co-trained checkpoint
@@ -112,6 +118,7 @@ def main(args: Args):
         run([py, "stage2_rl_cotrain.py", "--task", args.task, "--init", str(stage1_runs["sft_cotrain"]),
              "--real-data", str(real_data), "--beta", str(args.beta),
              "--total-env-steps", str(scale["stage2_env_steps"]),
+             *(["--num-envs", str(scale["stage2_num_envs"])] if scale["stage2_num_envs"] else []),
              "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
              "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
@@ -130,6 +137,7 @@ def main(args: Args):
         run([py, "eval_real.py", "proxy", "--checkpoint", *map(str, checkpoints.values()),
              "--names", *checkpoints.keys(), "--task", args.task, "--episodes", str(scale["eval_episodes"]),
              "--repeats", str(args.repeats), "--image-size", str(args.image_size),
+             *(["--num-envs", str(scale["eval_num_envs"])] if scale["eval_num_envs"] else []),
              "--seed", str(args.seed), "--name", table_name, "--out-dir", str(out_dir)])
         stamp_file.write_text(json.dumps(stamp, indent=1))
 

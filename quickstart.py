@@ -17,6 +17,7 @@ checkpoint exists is skipped, and the evaluation is redone only when a checkpoin
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -70,7 +71,10 @@ class Args:
 def run(cmd: list[str]):
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    if subprocess.run(cmd).returncode != 0:
+    # one torch thread per process unless the user says otherwise: on a small CPU the env workers
+    # and a multi-threaded torch contend for the cores, and the training step slows several-fold
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if subprocess.run(cmd, env=env).returncode != 0:
         sys.exit(f"quickstart: step failed: {' '.join(cmd[1:3])} (rerun `make quickstart` to continue)")
     print(f"  ({time.time() - t0:.0f} s)")
 

@@ -138,6 +138,7 @@ def positive_numbers(row, keys):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value, row)
 
 
+@pytest.mark.e2e
 def test_bench_cpu_run(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--tasks", "open_drawer", "--num-envs", "1", "--env-steps", "8",

@@ -850,8 +850,10 @@ class Pi05Policy(Policy):
     def act(self, obs, deterministic=False, generator: torch.Generator | None = None):
         """deterministic=False: ReinFlow chain of K = num_steps noisy Euler steps, x0 ~ N(0, I)
         (from `generator` if given). deterministic=True: K = num_eval_steps noiseless Euler steps
-        from x0 drawn with a generator seeded by eval_noise_seed, so the same batch gives the same
-        actions; its logprob is that of x0 alone (the steps are deterministic), same 1/(K+1).
+        from one x0 [H, A] drawn with a generator seeded by eval_noise_seed and shared by every
+        sample, so an observation gets the same actions whatever batch it is in (a [B, H, A] draw
+        gives sample 0 other numbers at another B); its logprob is that of x0 alone (the steps are
+        deterministic), same 1/(K+1).
         Returns actions (de-normalised x_K clipped to [-1, 1] first), logprob, value, chain [B, K+1, H, A]."""
         m = self.config["model"]
         image, state, instructions = self._obs(obs)
@@ -863,7 +865,8 @@ class Pi05Policy(Policy):
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
             value = self._value(prefix)
-            x = torch.randn((B, H, A), generator=generator, device=gen_device).to(self.device)
+            x = torch.randn((1 if deterministic else B, H, A), generator=generator,
+                            device=gen_device).to(self.device).expand(B, H, A)
             logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum((1, 2))
             chain = [x]
             for t in reinflow_time_grid(K):

@@ -196,6 +196,19 @@ def test_pi05_sampling_is_reproducible_and_euler(pi05):
     assert torch.equal(s1["chain"], s2["chain"]) and not torch.equal(s1["chain"], s3["chain"])
 
 
+@pytest.mark.parametrize("kind", ["openvla", "pi05"])
+def test_deterministic_action_does_not_depend_on_the_batch(kind):
+    # evaluation runs 1 or N envs at a time: each observation must get the same action either way
+    policy = new_policy(kind).eval()
+    obs = make_obs()
+    with torch.no_grad():
+        batch = policy.act(obs, deterministic=True)
+        for i in range(len(obs["instruction"])):
+            one = policy.act({k: v[i:i + 1] for k, v in obs.items()}, deterministic=True)
+            assert torch.allclose(batch["actions"][i], one["actions"][0], atol=1e-5), i
+            assert torch.allclose(batch["value"][i], one["value"][0], atol=1e-5), i
+
+
 def test_pi05_state_tokens_follow_openpi_binning(pi05):
     state = torch.tensor(np.random.default_rng(0).uniform(-1.2, 1.2, (3, 8)), dtype=torch.float32)
     state[0, :2] = torch.tensor([1.0, -1.0])

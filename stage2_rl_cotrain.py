@@ -39,7 +39,8 @@ evaluates and saves.
 
 Outputs, under runs/<run_name>/: args.json, metrics.jsonl, TensorBoard events, videos/,
 checkpoints/<iteration>/ (the last one kept, with trainer_state.pt for --resume) and
-checkpoints/final/.
+checkpoints/final/. Ctrl-C (or SIGTERM, as a cluster's preemption sends) lets the iteration under
+way finish, saves it and exits with code 130; --resume then continues as if never stopped.
 """
 from __future__ import annotations
 

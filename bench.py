@@ -23,9 +23,9 @@ policies  per kind and size, in a fresh process each: rollout act(), forward (SF
           weights in bf16 and trainable ones in fp32 as in training, a word-hashing stand-in
           tokenizer (about as many prompt tokens as the published tokenizers give).
 Memory: on a GPU torch.cuda.max_memory_allocated per phase; on a CPU the peak resident set size
-of the measuring process (ru_maxrss at the end) minus its resident size just before the policy is
-built (after the imports). ru_maxrss is a high-water mark, so this is the peak the policy and its
-training raised the process to, allocator caching included.
+of the measuring process (VmHWM, reset after the imports through /proc/self/clear_refs) minus its
+resident size just before the policy is built: the peak the policy and its training raised the
+process to, allocator caching included.
 """
 from __future__ import annotations
 
@@ -220,7 +220,22 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak_rss():
+    """Start the peak-RSS high-water mark (VmHWM) afresh (Linux >= 4.0), so that the imports' own
+    transient peak is not mistaken for the policy's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # then the peak may include the imports': an upper bound
+
+
 def peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -324,6 +339,7 @@ def time_policy(kind: str, size: str, device: str, batch_size: int, steps: int, 
     if device == "cpu":
         torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
     torch.ones(1) @ torch.ones(1)  # lazy initialisations outside the measured increase
+    reset_peak_rss()
     rss_before = rss_mib()  # after the imports
     cuda = device == "cuda"
     instruction = "open the drawer"

@@ -161,7 +161,7 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     n_real, seed = S["real_episodes"], args.seed
 
     def three_paradigms(task, policy, n=n_real, variants=("in_distribution",)):
-        """Table I's rows for one task and policy: method -> (run, {variant: eval key})."""
+        """Table I's three paradigms for one task and policy: method -> {variant: eval key}."""
         a = COTRAIN_ALPHA[task]
         rows = {"Real-only SFT": stage1(task, policy, 0.0, n), "SFT co-train": stage1(task, policy, a, n),
                 "RL-Co": stage2(task, policy, a, BETA, n, seed)}

@@ -1,6 +1,6 @@
 """reproduce.py: the plan (every run once, shared runs shared, every figure's inputs made by some
 step), the skip/resume decisions, and the tables and figures from synthetic evaluation files.
-No envs and no training here: everything is plain file work."""
+No env runs and no training here: everything is plain file work."""
 
 import json
 import subprocess
@@ -102,6 +102,13 @@ def test_plan_shares_runs_between_experiments(tmp_path):
     for (m, n), key in fig7.items():
         run = steps[Path(flag(steps[key]["cmd"], "--checkpoint")).parent.parent.name]
         assert flag(run["cmd"], "--real-data").endswith(f"proxy_real_{n}")
+
+
+def test_names_match_the_envs_module():
+    import envs  # reproduce.py keeps copies: importing envs loads ManiSkill
+
+    assert reproduce.TASKS == envs.TASKS and reproduce.VARIANTS == envs.VARIANTS
+    assert set(reproduce.COTRAIN_ALPHA) == set(envs.TASKS)
 
 
 def test_only_and_tasks_restrict_the_plan(tmp_path):

@@ -140,9 +140,11 @@ def to_markdown(table: dict) -> str:
 
 def write_table(table: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(table))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    # out.name + suffix, not with_suffix: a name such as "alpha0.95" must keep its ".95"
+    json_path, md_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    json_path.write_text(json.dumps(table, indent=2) + "\n")
+    md_path.write_text(to_markdown(table))
+    print(f"wrote {json_path} and {md_path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +393,7 @@ def proxy(args: ProxyArgs) -> dict:
         print("note: with --deterministic the repeats are identical (proxy_real's noise follows the episode seed)")
     name = args.name or f"proxy_{'-'.join(args.task)}_{'-'.join(args.variant)}"
     out = Path(args.out_dir) / name
-    log = out.with_suffix(".episodes.jsonl")
+    log = out.with_name(out.name + ".episodes.jsonl")
     log.unlink(missing_ok=True)  # this run's raw episodes only
     seeds = envs.eval_seeds(args.episodes)
     records, t0 = [], time.time()

@@ -299,8 +299,10 @@ def main(args: Args):
     resume_from = None
     if args.resume:
         resume_from = latest_step_checkpoint(ckpt_root)
-        if resume_from is None:
-            fail(f"--resume: no checkpoint with trainer_state.pt under {ckpt_root}")
+        if resume_from is None and not (run_dir / "args.json").exists():
+            fail(f"--resume: no run in {run_dir}")
+        if resume_from is None:  # stopped before its first checkpoint: nothing to lose
+            print(f"--resume: {run_dir} stopped before its first checkpoint; starting it from the beginning")
     elif (run_dir / "args.json").exists():
         fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
 
@@ -417,7 +419,7 @@ def main(args: Args):
         print(f"Stage I: {args.policy}/{args.size} ({n_params / 1e6:.2f}M trainable), task {args.task}, "
               f"alpha {args.alpha} | sim {sim_ds.num_episodes if sim_ds else 0} episodes, "
               f"real {real_ds.num_episodes if real_ds else 0} episodes | {world_size} process(es) on {device}")
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume_from else "w") if is_main else None
 
     def log(step, values):
         if not is_main:

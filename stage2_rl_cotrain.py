@@ -407,9 +407,13 @@ def main(args: Args):
     resume_from = None
     if args.resume:
         resume_from = latest_iteration_checkpoint(ckpt_root)
-        if resume_from is None:
-            fail(f"--resume: no checkpoint with trainer_state.pt under {ckpt_root}")
-        args.init = checkpoint_extra(resume_from).get("init", args.init)
+        if resume_from is None and not (run_dir / "args.json").exists():
+            fail(f"--resume: no run in {run_dir}")
+        if resume_from is None:  # stopped before its first checkpoint: nothing to lose
+            print(f"--resume: {run_dir} stopped before its first checkpoint; starting it from the beginning")
+            args.init = args.init or json.loads((run_dir / "args.json").read_text()).get("init")
+        else:
+            args.init = checkpoint_extra(resume_from).get("init", args.init)
     elif (run_dir / "args.json").exists():
         fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
     if args.init is None:
@@ -524,7 +528,7 @@ def main(args: Args):
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
-        metrics_file = open(run_dir / "metrics.jsonl", "a")
+        metrics_file = open(run_dir / "metrics.jsonl", "a" if resume_from else "w")
         print(f"Stage II: {policy.kind}/{size} from {args.init}, task {args.task}, beta {args.beta} | "
               f"{world_size} process(es) x {B} sim envs on {device}, chunk {policy.chunk_size} "
               f"executing {H}, {T} decisions per rollout, {args.total_env_steps} env steps | "

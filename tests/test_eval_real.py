@@ -111,6 +111,12 @@ def test_table_rejects_incomplete_records():
         eval_real.summarize([])
 
 
+def test_write_table_keeps_dots_in_the_name(tmp_path):
+    records = [{"method": "m", "task": "open_drawer", "variant": "in_distribution", "repeat": 0, "success": True}]
+    eval_real.write_table(eval_real.summarize(records), tmp_path / "alpha0.95")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha0.95.json", "alpha0.95.md"]
+
+
 def test_method_name_from_checkpoint_path():
     assert eval_real.method_name("runs/pi05_rlco/checkpoints/final") == "pi05_rlco"
     assert eval_real.method_name("runs/pi05_rlco/checkpoints/final/") == "pi05_rlco"

@@ -155,6 +155,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_data)
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-6)
 
+    # killed before its first checkpoint (args.json and a metrics line, no checkpoint): --resume
+    # starts it again from the beginning, the same run as the straight one
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "args.json").write_text("{}")
+    (killed / "metrics.jsonl").write_text(json.dumps({"step": 3, "train/loss": -1.0}) + "\n")
+    run_stage1(tmp_path, tiny_data, *common, "--total-steps", "10", "--resume", "--eval-domains", name="killed")
+    c = {r["step"]: r["train/loss"] for r in read_metrics(killed)}
+    assert sorted(c) == list(range(1, 11))
+    np.testing.assert_allclose([c[s] for s in range(1, 11)], [a[s] for s in range(1, 11)], rtol=1e-5)
+
 
 @pytest.mark.e2e
 def test_two_process_torchrun_matches_single_process_on_the_same_global_batch(tmp_path, tiny_data):

@@ -479,6 +479,24 @@ def test_ctrl_c_finishes_the_iteration_saves_it_and_resume_continues_exactly(fil
         assert torch.equal(a[name], b[name]), name
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(files, tmp_path, monkeypatch, capsys):
+    use_bandit(monkeypatch)
+    args = bandit_args(files, tmp_path, "pi05", iterations=2, num_envs=2, num_steps=2)
+    run_dir = Path(args.runs_dir) / "run"
+    run_dir.mkdir(parents=True)  # what a SIGKILL during the first iteration leaves behind
+    (run_dir / "args.json").write_text(json.dumps({"init": args.init}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "global_step": 0, "stale": 1}) + "\n")
+    assert "already holds a run" in run_expecting_error(args, capsys)
+    args.resume, args.init = True, None  # the init comes from the run's args.json
+    stage2.main(args)
+    assert "starting it from the beginning" in capsys.readouterr().out
+    rows = read_metrics(args)
+    assert not any("stale" in r for r in rows) and [r["iteration"] for r in train_rows(rows)] == [1, 2]
+    assert (run_dir / "checkpoints/final/model.safetensors").exists()
+    nothing = bandit_args(files, tmp_path, "pi05", iterations=2, run_name="never_ran", resume=True)
+    assert "--resume: no run in" in run_expecting_error(nothing, capsys)
+
+
 @pytest.mark.e2e
 def test_torchrun_two_processes(files, tmp_path):
     runs = tmp_path / "runs"

@@ -463,10 +463,11 @@ def test_ctrl_c_finishes_the_iteration_saves_it_and_resume_continues_exactly(fil
 
     monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: CtrlCBandit(args.num_envs, size))
     interrupted = bandit_args(files, tmp_path, "pi05", iterations=4, run_name="resumed", **small)
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as e:
         stage2.main(interrupted)
     assert e.value.code == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) == handler_before  # handler restored
     ckpts = Path(interrupted.runs_dir) / "resumed/checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["2"]  # iteration 2 finished and saved, no final
     assert [r["iteration"] for r in train_rows(read_metrics(interrupted))] == [1, 2]

@@ -784,29 +784,19 @@ def main(args: Args):
                              succ=f"{values_log.get('charts/episode_success', float('nan')):.2f}",
                              sps=f"{values_log['perf/env_sps']:.0f}")
 
+        eval_now = bool(args.eval_every) and iteration % args.eval_every == 0
         if global_step >= args.total_env_steps:
             evaluate_and_save(iteration, final=True)
-        elif args.eval_every and iteration % args.eval_every == 0:
+        elif eval_now:
             evaluate_and_save(iteration)
         if global_step < args.total_env_steps and all_sum([float(bool(stop_requested))])[0] > 0:
-            if not (args.eval_every and iteration % args.eval_every == 0):  # else just saved
+            if not eval_now:  # else just saved
                 evaluate_and_save(iteration, evaluate=False)
             break
     progress.close()
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
-    if global_step < args.total_env_steps:  # stopped by a signal: all processes stop together
-        train_env.close()
-        for env in eval_envs.values():
-            env.close()
-        if is_main:
-            print(f"stopped after iteration {iteration} ({global_step} of {args.total_env_steps} env steps): "
-                  f"{ckpt_root / str(iteration)}; continue with --resume")
-            writer.close()
-            metrics_file.close()
-        if world_size > 1:
-            dist.destroy_process_group()
-        sys.exit(130)
+    stopped = global_step < args.total_env_steps  # by a signal: all processes stop together
     if iteration == start_iter and is_main:
         print(f"nothing to do: the run already took {global_step} of {args.total_env_steps} env steps")
 
@@ -814,11 +804,14 @@ def main(args: Args):
     for env in eval_envs.values():
         env.close()
     if is_main:
-        print(f"done: {ckpt_root / 'final'}")
+        print(f"stopped after iteration {iteration} ({global_step} of {args.total_env_steps} env steps): "
+              f"{ckpt_root / str(iteration)}; continue with --resume" if stopped else f"done: {ckpt_root / 'final'}")
         writer.close()
         metrics_file.close()
     if world_size > 1:
         dist.destroy_process_group()
+    if stopped:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

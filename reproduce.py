@@ -4,6 +4,7 @@
     python reproduce.py --scale gpu              # full demo counts, GPU simulation, longer training
     python reproduce.py --only table1 fig7 --tasks open_drawer
     python reproduce.py --dry-run                # print the plan (the commands) and run nothing
+    python reproduce.py --report-only            # tables and figures from the evaluations done so far
 
 Every experiment is a set of runs of the project's scripts, each printed before it runs:
 collect_demos.py (datasets), stage1_sft_cotrain.py (Stage I), stage2_rl_cotrain.py (Stage II) and
@@ -77,6 +78,9 @@ class Args:
     """tasks to run; an experiment whose task is left out is skipped"""
     dry_run: bool = False
     """print the plan (every command that would run) and run nothing"""
+    report_only: bool = False
+    """run nothing: write the tables and figures of --only/--tasks from the evaluations already in
+    <out-dir>/evals (e.g. after running subsets of the study as separate processes)"""
     sim_backend: Optional[Literal["cpu", "gpu"]] = None
     """ManiSkill backend of Stage II and evaluation (default: the scale's, gpu for --scale gpu)"""
     seed: int = 1
@@ -471,9 +475,10 @@ def main(args: Args):
     kinds = [s["kind"] for s in steps.values()]
     print(f"reproduce ({args.scale}): {', '.join(inputs) or 'nothing'}: {kinds.count('collect')} datasets, "
           f"{kinds.count('stage1')} Stage I runs, {kinds.count('stage2')} Stage II runs, "
-          f"{kinds.count('eval')} evaluations" + (" (dry run: nothing runs)" if args.dry_run else ""))
+          f"{kinds.count('eval')} evaluations" + (" (dry run: nothing runs)" if args.dry_run else "")
+          + (" (report only: nothing runs)" if args.report_only else ""))
     t0 = time.time()
-    for key, step in steps.items():
+    for key, step in ({} if args.report_only else steps).items():
         if step["kind"] == "collect":
             collect(step, args)
         elif step["kind"] == "eval":

@@ -300,3 +300,26 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     written = reproduce.aggregate(inputs, evals, out2, "ci")
     assert "table1" not in written and "fig7" in written and not (out2 / "table1.json").exists()
     assert md_row((out2 / "fig7.md").read_text(), "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "-"]
+
+
+def test_report_only_tabulates_finished_evaluations_and_runs_nothing(tmp_path):
+    # subsets of the study run as separate processes; one --report-only call then writes the whole table
+    args = make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer", "close_drawer"))
+    steps, inputs = reproduce.build_plan(args)
+    evals = tmp_path / "results" / "evals"
+    for key, s in steps.items():
+        if s["kind"] == "eval":
+            write_eval(evals, key, s["cmd"], (4, 2) if "close_drawer_pi05_a0_" in key else (1, 1))
+    cmd = [sys.executable, "reproduce.py", "--report-only", "--scale", "ci", "--only", "table1",
+           "--tasks", "open_drawer", "close_drawer", "--data-dir", str(tmp_path / "data"),
+           "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "results")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "report only" in done.stdout and "\n$ " not in done.stdout  # no command ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no dataset or run made
+    md = (tmp_path / "results" / "table1.md").read_text()
+    assert md_row(md, "method")[1:] == ["open_drawer", "close_drawer", "Avg"]
+    assert md_row(md, "pi0.5: Real-only SFT")[1:] == ["25.0 +- 0.0", "75.0 +- 25.0", "50.0 +- 12.5"]
+    assert md_row(md, "OpenVLA: RL-Co")[1:] == ["25.0 +- 0.0", "25.0 +- 0.0", "25.0 +- 0.0"]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert set(summary["written"]) == {"table1"}

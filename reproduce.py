@@ -387,6 +387,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                         if base:
                             ax.axhline(base["mean"], ls="--", color="gray", label="its SFT co-train init")
                         ax.set_xscale("symlog", linthresh=0.01)
+                        ax.set_xlim(left=-0.004)  # beta >= 0: no empty negative half
                     ax.set_xlabel(sweep)
                     ax.set_ylabel("proxy_real success (%)")
                     ax.set_title(f"{task}: {sweep} sweep")

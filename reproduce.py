@@ -314,8 +314,9 @@ def fmt(p: dict | None) -> str:
     return "-" if p is None else format_cell({"mean": p["mean"], "std": p["std"]})
 
 
-def plot_lines(ax, xs, points, label, marker="o"):
-    """A mean line with a shaded +- std band; missing points are left out."""
+def plot_lines(ax, xs, points, label, style=0):
+    """A mean line with a shaded +- std band; missing points are left out. Each `style` has its own
+    marker and dash, so that lines lying on top of each other (all at 0 %) stay visible."""
     import numpy as np
 
     have = [(x, p) for x, p in zip(xs, points) if p is not None]
@@ -324,7 +325,8 @@ def plot_lines(ax, xs, points, label, marker="o"):
     x = np.array([h[0] for h in have], float)
     m = np.array([h[1]["mean"] for h in have])
     s = np.array([h[1]["std"] for h in have])
-    ax.plot(x, m, marker=marker, label=label)
+    ax.plot(x, m, marker="os^Dv"[style % 5], ls=("-", "--", ":", "-.")[style % 4], markersize=8 - 1.5 * (style % 3),
+            label=label)
     ax.fill_between(x, m - s, m + s, alpha=0.2)
 
 
@@ -415,12 +417,12 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
 
             payload, rows = {}, []
             fig, ax = plt.subplots(figsize=(6, 4))
-            for init, seeds in curves.items():
+            for k, (init, seeds) in enumerate(curves.items()):
                 common = sorted(set.intersection(*(set(c) for c in seeds.values())))
                 pts = [{"mean": float(np.mean([c[s] for c in seeds.values()])),
                         "std": float(np.std([c[s] for c in seeds.values()]))} for s in common]
                 payload[init] = {"seeds": sorted(seeds), "env_steps": common, "points": pts}
-                plot_lines(ax, common, pts, f"{init}, {len(seeds)} seed(s)")
+                plot_lines(ax, common, pts, f"{init}, {len(seeds)} seed(s)", style=k)
                 rows += [[init, s, fmt(p)] for s, p in zip(common, pts)]
             ax.set_xlabel("Stage II env steps")
             ax.set_ylabel("sim success (%)")
@@ -448,9 +450,9 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             fig, ax = plt.subplots(figsize=(6, 4))
             methods = list(dict.fromkeys(p["method"] for p in pts))
             ns = sorted({p["n_real"] for p in pts})
-            for m in methods:
+            for k, m in enumerate(methods):
                 by_n = {p["n_real"]: p for p in pts if p["method"] == m and p["mean"] is not None}
-                plot_lines(ax, ns, [by_n.get(n) for n in ns], m)
+                plot_lines(ax, ns, [by_n.get(n) for n in ns], m, style=k)
             ax.set_xticks(ns)
             ax.set_xlabel("real (proxy_real) demos")
             ax.set_ylabel("proxy_real success (%)")

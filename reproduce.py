@@ -481,13 +481,14 @@ def main(args: Args):
           f"{kinds.count('eval')} evaluations" + (" (dry run: nothing runs)" if args.dry_run else "")
           + (" (report only: nothing runs)" if args.report_only else ""))
     t0 = time.time()
-    for key, step in ({} if args.report_only else steps).items():
-        if step["kind"] == "collect":
-            collect(step, args)
-        elif step["kind"] == "eval":
-            evaluate(step, args, key)
-        else:
-            train(step, args, key)
+    if not args.report_only:
+        for key, step in steps.items():
+            if step["kind"] == "collect":
+                collect(step, args)
+            elif step["kind"] == "eval":
+                evaluate(step, args, key)
+            else:
+                train(step, args, key)
     if args.dry_run:
         return
     written = aggregate(inputs, Path(args.out_dir) / "evals", Path(args.out_dir), args.scale)

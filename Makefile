@@ -43,5 +43,5 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e" tests
 
-clean-runs:
-	rm -rf runs results
+clean-runs:  # training runs and the quickstart's table (the committed study results stay)
+	rm -rf runs results/quickstart

@@ -15,7 +15,7 @@ env       control steps/s of each twin task and of stock ManiSkill PickCube-v1 (
           in its own process (one GPU PhysX system per process).
 stage2    stage2_rl_cotrain.py itself, run for one iteration on a random tiny policy (saved as a
           Stage I checkpoint) and random real demos: its whole-loop and rollout env steps/s, the
-          raw env steps/s of the same envs (--bench-env-steps), and the rollout/update time split.
+          raw env steps/s of the same envs (time_env), and the rollout/update time split.
 policies  per kind and size, in a fresh process each: rollout act(), forward (SFT loss, no grad),
           Stage I step (augmentation, SFT loss, backward, clipping, AdamW), Stage II update step
           (evaluate, a PPO-shaped loss, backward, Adam); samples/s, peak memory, model FLOPs and
@@ -32,13 +32,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -214,31 +212,6 @@ def in_subprocess(fn_name: str, kwargs: dict, timeout: int) -> dict:
     return {"error": f"exit code {done.returncode}: {done.stderr[-800:]}"}
 
 
-def rss_mib() -> float:
-    """Current resident set size."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss():
-    """Start the peak-RSS high-water mark (VmHWM) afresh (Linux >= 4.0), so that the imports' own
-    transient peak is not mistaken for the policy's."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # then the peak may include the imports': an upper bound
-
-
-def peak_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # ---- env speed -----------------------------------------------------------------------------
 def time_env(task: str, num_envs: int, sim_backend: str, image_size: int, steps: int, chunk: int) -> dict:
     """Control steps/s (all envs together) of one twin task, rendering every step and once per chunk."""
@@ -295,58 +268,25 @@ def time_pick_cube(num_envs: int, sim_backend: str, image_size: int, steps: int,
 
 
 # ---- policies ------------------------------------------------------------------------------
-class StandInTokenizer:
-    """For full sizes without the published tokenizer files: one id per word or punctuation mark,
-    hashed into the ordinary part of the vocabulary (clear of the special and action ids)."""
-
-    def __init__(self, vocab_size: int):
-        self.span = vocab_size - 1000
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        import policies
-        return [3 + zlib.crc32(w.encode()) % self.span for w in policies.WordTokenizer.split(text)]
-
-
-def random_full_policy(kind: str, device: str, **overrides):
-    """The full-size policy with random weights materialised on `device`: frozen ones in the
-    config dtype (bf16), trainable ones in fp32, as training holds them."""
-    import torch
-    import policies
-    config = policies.full_config(kind, **overrides)
-    config["tokenizer"] = {"type": "stand-in"}
-    policy = policies.empty_policy(config, StandInTokenizer(config["model"]["vocab_size"]))
-    policy.configure_training()  # LoRA adapters, which parameters train
-    frozen_dtype = getattr(torch, config["model"]["dtype"])
-    generator = torch.Generator(device).manual_seed(0)
-    for module in policy.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, device=device, dtype=torch.float32 if p.requires_grad else frozen_dtype)
-            if t.dim() >= 2:
-                t.normal_(0, 0.02, generator=generator)
-            else:
-                t.fill_(1.0 if name == "weight" else 0.0)  # norm scales 1, biases 0
-            setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
-    return policy.to(device)
-
-
 def time_policy(kind: str, size: str, device: str, batch_size: int, steps: int, image_size: int,
                 overrides: dict) -> dict:
     """One policy's phases (see the module docstring): median seconds, samples/s, peak memory,
     model FLOPs per sample and (GPU) MFU."""
     import torch
+    import demos
+    import plumbing
     import policies
-    from stage1_sft_cotrain import augment_images
     if device == "cpu":
         torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
     torch.ones(1) @ torch.ones(1)  # lazy initialisations outside the measured increase
-    reset_peak_rss()
-    rss_before = rss_mib()  # after the imports
+    plumbing.reset_peak_rss()
+    rss_before = plumbing.rss_mib()  # after the imports
     cuda = device == "cuda"
     instruction = "open the drawer"
     if size == "tiny":
         policy = policies.make_policy(kind, instructions=[instruction], **overrides).to(device)
     else:
-        policy = random_full_policy(kind, device, **overrides)
+        policy = policies.random_full_policy(kind, device, **overrides)
     policy.train()
     m = policy.config["model"]
     rng = np.random.default_rng(0)
@@ -372,7 +312,7 @@ def time_policy(kind: str, size: str, device: str, batch_size: int, steps: int, 
             policy.sft_loss(dict(obs, actions=actions))
 
     def sft_step():  # Stage I's step
-        images = augment_images(torch.as_tensor(obs["image"]), augment_rng)
+        images = demos.augment_images(torch.as_tensor(obs["image"]), augment_rng)
         batch = {"image": images.to(device), "state": torch.as_tensor(obs["state"]).to(device),
                  "instruction": obs["instruction"], "actions": actions.to(device)}
         loss = policy.sft_loss(batch)
@@ -428,7 +368,7 @@ def time_policy(kind: str, size: str, device: str, batch_size: int, steps: int, 
         if peak is None:
             row["mfu_note"] = f"no bf16 peak known for {torch.cuda.get_device_name()}: MFU not reported"
     else:
-        row["peak_rss_increase_mib"] = peak_rss_mib() - rss_before
+        row["peak_rss_increase_mib"] = plumbing.peak_rss_mib() - rss_before
     return row
 
 
@@ -454,8 +394,7 @@ def time_stage2(kind: str, task: str, num_envs: int, args: Args, work: Path) -> 
     run_name = f"stage2_{kind}_{num_envs}"
     cmd = [sys.executable, str(ROOT / "stage2_rl_cotrain.py"), "--task", task, "--init", str(ckpt),
            "--real-data", str(real), "--num-envs", str(num_envs), "--sim-backend", args.sim_backend,
-           "--total-env-steps", "1", "--eval-episodes", "0", "--no-save-video",
-           "--bench-env-steps", str(args.env_steps), "--device", args.device,
+           "--total-env-steps", "1", "--eval-episodes", "0", "--no-save-video", "--device", args.device,
            "--runs-dir", str(work / "runs"), "--run-name", run_name]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -467,9 +406,11 @@ def time_stage2(kind: str, task: str, num_envs: int, args: Args, work: Path) -> 
     for line in (work / "runs" / run_name / "metrics.jsonl").read_text().splitlines():
         merged.update({k: v for k, v in json.loads(line).items() if k.startswith("perf/")})
     row = {"kind": kind, "task": task, "num_envs": num_envs}
-    row.update({k: merged["perf/" + k] for k in (
-        "raw_env_sps_render_all_steps", "raw_env_sps_render_decision_points", "rollout_env_sps", "env_sps",
-        "rollout_time", "update_time")})
+    row.update({k: merged["perf/" + k] for k in ("rollout_env_sps", "env_sps", "rollout_time", "update_time")})
+    # the yardstick: the same envs stepped with random actions, rendering every step / at decision points
+    raw = time_env(task, num_envs, args.sim_backend, args.image_size, args.env_steps, policy.chunk_size)
+    row["raw_env_sps_render_all_steps"] = raw["sps_render_every_step"]
+    row["raw_env_sps_render_decision_points"] = raw["sps_render_once_per_chunk"]
     # the loop's overhead: how much of the raw rate (same envs, same rendering) it keeps
     row["rollout_over_raw"] = row["rollout_env_sps"] / row["raw_env_sps_render_decision_points"]
     row["loop_over_raw"] = row["env_sps"] / row["raw_env_sps_render_decision_points"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections import OrderedDict
 from fractions import Fraction
@@ -40,7 +41,7 @@ from PIL import Image
 IMAGE_KEY = "observation.images.front"
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
-# DESIGN.md conventions: tcp position, tcp quaternion (wxyz), gripper opening / ee delta pose
+# The project's conventions (README, docs/interfaces.md): tcp position, tcp quaternion (wxyz), gripper opening / ee delta pose
 STATE_NAMES = ["tcp_x", "tcp_y", "tcp_z", "tcp_qw", "tcp_qx", "tcp_qy", "tcp_qz", "gripper"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 
@@ -687,6 +688,28 @@ def collate(samples: list[dict]) -> dict:
     elif any("image" in s for s in samples):
         raise ValueError("collate got samples with and without images (load_images differs)")
     return batch
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The usual VLA recipe: a random crop of 90% of the area resized back, then brightness,
+    contrast and saturation jitter. uint8 [B, H, W, 3] in, uint8 out."""
+    b, h, w, _ = images.shape
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    scale = math.sqrt(0.9)
+    ch, cw = int(round(h * scale)), int(round(w * scale))
+    tops = torch.randint(0, h - ch + 1, (b,), generator=generator)
+    lefts = torch.randint(0, w - cw + 1, (b,), generator=generator)
+    crops = torch.stack([x[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist()))])
+    x = torch.nn.functional.interpolate(crops, size=(h, w), mode="bilinear", align_corners=False)
+    brightness = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
+    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
+    saturation = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
+    x = x * brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = x.mean(dim=1, keepdim=True)
+    x = (x - gray) * saturation + gray
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def check_dims(dataset: LeRobotDataset, policy):

@@ -13,7 +13,7 @@ Read top to bottom:
   6. `LocalEnvs` (the sub-envs living in one process: time limit, seeds, auto-reset), the worker
      process loop, `TwinVecEnv` and `make_env`
 
-Conventions (DESIGN.md): actions are 7-D normalized pd_ee_delta_pose actions in [-1, 1]
+Conventions (docs/interfaces.md): actions are 7-D normalized pd_ee_delta_pose actions in [-1, 1]
 (dx, dy, dz, droll, dpitch, dyaw, gripper; 1 = 10 cm / 0.1 rad per step; gripper +1 open,
 -1 closed). Observations are {"image": uint8 [B, H, W, 3] or None, "state": float32 [B, 8],
 "instruction": list[str]}; state = tcp position in the robot base frame, tcp quaternion (wxyz,
@@ -143,6 +143,28 @@ class PDEEDeltaPoseControllerConfig(PDEEPoseControllerConfig):
     controller_cls = PDEEDeltaPoseController
 
 
+def _lerp(a, b, gap: float):
+    """a at gap 0, b at gap 1: numbers interpolated (integers rounded), flags switched at 0.5,
+    sequences element by element."""
+    if gap in (0.0, 1.0):  # the ends are the two domains exactly
+        return b if gap == 1.0 else a
+    if isinstance(a, bool):
+        return b if gap >= 0.5 else a
+    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
+        return int(np.floor(a + (b - a) * gap + 0.5))  # half up: a flag-like integer switches at 0.5 too
+    if isinstance(a, (tuple, list)):
+        return type(a)(_lerp(x, y, gap) for x, y in zip(a, b))
+    return float(a + (b - a) * gap)
+
+
+def domain_params(domain: str, gap: float | None = None) -> dict:
+    """DOMAIN_PARAMS of `domain`; for proxy_real at a `gap` in [0, 1] every parameter is moved that
+    far from the twin's value towards proxy_real's (0 = the sim twin, 1 = proxy_real, the default)."""
+    if domain == "sim" or gap is None:
+        return dict(DOMAIN_PARAMS[domain])
+    return {k: _lerp(DOMAIN_PARAMS["sim"][k], v, gap) for k, v in DOMAIN_PARAMS["proxy_real"].items()}
+
+
 class PandaSim(Panda):
     """The Panda as the twin models it (ManiSkill's default joint gains)."""
 
@@ -168,6 +190,22 @@ class PandaProxyReal(PandaSim):
 ROBOT_CLASS = {"sim": PandaSim, "proxy_real": PandaProxyReal}
 
 
+def robot_class(params: dict):
+    """The Panda with the joint gains of `params` (a class per pair of gains: ManiSkill builds the
+    controller from class attributes)."""
+    for cls in ROBOT_CLASS.values():
+        if (cls.arm_stiffness, cls.arm_damping) == (params["arm_stiffness"], params["arm_damping"]):
+            return cls
+    key = f"PandaGains_{params['arm_stiffness']:g}_{params['arm_damping']:g}"
+    if key not in _GAIN_CLASSES:
+        _GAIN_CLASSES[key] = type(key, (PandaSim,), {"arm_stiffness": params["arm_stiffness"],
+                                                     "arm_damping": params["arm_damping"]})
+    return _GAIN_CLASSES[key]
+
+
+_GAIN_CLASSES = {}
+
+
 def _texture(rgb, seed: int, grain: bool, size: int = 64) -> sapien.render.RenderTexture2D:
     """A fixed procedural texture of colour `rgb` (wood grain or mottled)."""
     rng = np.random.default_rng(seed)
@@ -183,10 +221,10 @@ def _texture(rgb, seed: int, grain: bool, size: int = 64) -> sapien.render.Rende
     return sapien.render.RenderTexture2D(rgba, "R8G8B8A8Unorm")
 
 
-def _material(rgb, domain: str, texture_seed: int = 0, grain: bool = False):
+def _material(rgb, textured: bool, texture_seed: int = 0, grain: bool = False):
     """Render material: a flat colour in sim; a texture of that colour in proxy_real."""
     material = sapien.render.RenderMaterial(base_color=(*rgb, 1.0))
-    if DOMAIN_PARAMS[domain]["textured"]:
+    if textured:
         material.base_color = (1.0, 1.0, 1.0, 1.0)  # the texture replaces the colour; keep it untinted
         material.base_color_texture = _texture(rgb, texture_seed, grain)
         material.roughness = 0.5
@@ -261,17 +299,19 @@ class TwinTaskEnv(BaseEnv):
     camera_target = (0.0, 0.0, 0.0)  # ... and the point it looks at
 
     def __init__(self, *args, domain: str = "sim", variant: str = "in_distribution", image_size: int = 128,
-                 **kwargs):
+                 gap: float | None = None, **kwargs):
         if domain not in DOMAINS:
             raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
         self.domain, self.variant, self.image_size = domain, variant, image_size
-        self.params = DOMAIN_PARAMS[domain]
+        # how far proxy_real is from the twin: every domain parameter and object colour (gap 1 = proxy_real)
+        self.gap = 0.0 if domain == "sim" else (1.0 if gap is None else float(gap))
+        self.params = domain_params(domain, self.gap if domain != "sim" else None)
         kwargs.setdefault("obs_mode", "none")
         kwargs.setdefault("control_mode", "pd_ee_delta_pose")
         kwargs.setdefault("enhanced_determinism", True)  # reset() without a seed draws a fresh episode seed
-        super().__init__(*args, robot_uids=ROBOT_CLASS[domain], **kwargs)
+        super().__init__(*args, robot_uids=robot_class(self.params), **kwargs)
         if self._render_device is not None and str(self._render_device) not in _IDLE_RENDER_SYSTEMS:
             _IDLE_RENDER_SYSTEMS[str(self._render_device)] = sapien.render.RenderSystem(self._render_device)
 
@@ -304,12 +344,12 @@ class TwinTaskEnv(BaseEnv):
         table = self.scene.create_actor_builder()
         half = [0.75, 0.8, 0.02]
         table.add_box_collision(half_size=half)
-        table.add_box_visual(half_size=half, material=_material(self.params["table_rgb"], self.domain, 1, grain=True))
+        table.add_box_visual(half_size=half, material=_material(self.params["table_rgb"], self.params["textured"], 1, grain=True))
         table.initial_pose = sapien.Pose(p=[-0.3, 0, -half[2]])
         self.table = table.build_static(name="table")
         floor = self.scene.create_actor_builder()
         floor.add_box_collision(half_size=[2.0, 2.0, 0.01])
-        floor.add_box_visual(half_size=[2.0, 2.0, 0.01], material=_material(self.params["floor_rgb"], self.domain, 2))
+        floor.add_box_visual(half_size=[2.0, 2.0, 0.01], material=_material(self.params["floor_rgb"], self.params["textured"], 2))
         floor.initial_pose = sapien.Pose(p=[0, 0, -0.76])
         self.floor = floor.build_static(name="floor")
         self.object_material = sapien.physx.PhysxMaterial(
@@ -363,6 +403,13 @@ class TwinTaskEnv(BaseEnv):
 
     def _place_layout(self, env_idx: torch.Tensor, layouts: list[dict]):
         raise NotImplementedError
+
+    def rgb(self, per_domain: dict) -> tuple:
+        """An object's colour at this env's gap, from its {"sim": rgb, "proxy_real": rgb}."""
+        return _lerp(tuple(per_domain["sim"]), tuple(per_domain["proxy_real"]), self.gap)
+
+    def material(self, per_domain: dict, texture_seed: int, grain: bool = False):
+        return _material(self.rgb(per_domain), self.params["textured"], texture_seed, grain)
 
     def tensor(self, x) -> torch.Tensor:
         """float32 tensor on the simulation's device."""
@@ -496,14 +543,14 @@ class PickAndPlaceEnv(TwinTaskEnv):
         self.objects = []
         for i, key in enumerate(self.shape_keys):
             builder = self.scene.create_actor_builder()
-            material = _material(SHAPE_RGB[self.domain][key], self.domain, 10 + i)
+            material = self.material({d: SHAPE_RGB[d][key] for d in DOMAINS}, 10 + i)
             for kind, size, pos in SHAPES[key]["parts"]:
                 _add_part(builder, kind, size, pos, material, self.object_material, self.params["object_density"])
             builder.initial_pose = sapien.Pose(p=_parking_pose(i))
             self.objects.append(builder.build(name=key))
         c = CONTAINER
         builder = self.scene.create_actor_builder()
-        material = _material(CONTAINER_RGB[self.domain], self.domain, 20)
+        material = self.material(CONTAINER_RGB, 20)
         outer = c["inner_half"] + c["wall"]
         walls = [  # (half size, centre): floor and four walls
             ((outer, outer, c["floor"] / 2), (0, 0, c["floor"] / 2)),
@@ -660,14 +707,14 @@ class PushCubeEnv(TwinTaskEnv):
         self.cubes = []
         for i, colour in enumerate(self.colours):
             builder = self.scene.create_actor_builder()
-            material = _material(COLOUR_RGB[self.domain][colour], self.domain, 30 + i)
+            material = self.material({d: COLOUR_RGB[d][colour] for d in DOMAINS}, 30 + i)
             _add_part(builder, "box", (CUBE_HALF,) * 3, (0, 0, 0), material, self.object_material,
                       self.params["object_density"])
             builder.initial_pose = sapien.Pose(p=[-0.1, 0.1 * i, CUBE_HALF])
             self.cubes.append(builder.build(name=f"{colour}_cube"))
         builder = self.scene.create_actor_builder()  # a flat marker, no collision
         builder.add_cylinder_visual(sapien.Pose(q=[np.cos(np.pi / 4), 0, np.sin(np.pi / 4), 0]), GOAL_RADIUS, 0.0005,
-                                    material=_material(GOAL_RGB[self.domain], self.domain, 33))
+                                    material=self.material(GOAL_RGB, 33))
         builder.initial_pose = sapien.Pose(p=[0.05, 0, 0.0006])
         self.goal = builder.build_kinematic(name="goal")
         n = self.num_envs
@@ -786,13 +833,12 @@ class DrawerEnv(TwinTaskEnv):
 
     def _load_task(self):
         c = CABINETS["unseen" if self.variant == "unseen_objects" else "train"]
-        domain = self.domain
         d, w, h, t = c["depth"], c["width"], c["height"], c["wall"]
         builder = self.scene.create_articulation_builder()
         builder.disable_self_collisions = True  # the drawer slides inside the body on its joint
         body = builder.create_link_builder()
         body.set_name("body")
-        body_mat = _material(c["rgb"][domain], domain, 3, grain=True)
+        body_mat = self.material(c["rgb"], 3, grain=True)
         panels = [  # (half size, centre) in the cabinet frame: origin at the bottom centre, front at -x
             ((d / 2, w / 2, t / 2), (0, 0, t / 2)),  # bottom
             ((d / 2, w / 2, t / 2), (0, 0, h - t / 2)),  # top
@@ -810,7 +856,7 @@ class DrawerEnv(TwinTaskEnv):
         # joint frame rotated 180 deg about z: positive joint position pulls the drawer toward -x
         flip = sapien.Pose(q=[0, 0, 0, 1])
         drawer.set_joint_properties("prismatic", limits=[[0.0, DRAWER_TRAVEL]], pose_in_parent=flip, pose_in_child=flip)
-        drawer_mat = _material(c["drawer_rgb"][domain], domain, 4)
+        drawer_mat = self.material(c["drawer_rgb"], 4)
         inner_w, tray_h, tray_d = w - 2 * t - 0.006, 0.07, d - 2 * t
         front_x = -d / 2 + t / 2
         drawer_panels = [
@@ -824,7 +870,7 @@ class DrawerEnv(TwinTaskEnv):
             drawer.add_box_collision(sapien.Pose(centre), half, density=self.params["drawer_density"])
             drawer.add_box_visual(sapien.Pose(centre), half, material=drawer_mat)
         # vertical bar handle held by two horizontal posts
-        handle_mat = _material(c["handle_rgb"][domain], domain, 5)
+        handle_mat = self.material(c["handle_rgb"], 5)
         so, hl, r = c["handle_standoff"], c["handle_length"], c["handle_radius"]
         handle_centre = np.array([front_x - t / 2 - so, 0.0, h / 2])
         # where the fingers hold (expert) or push (close) the bar: 3 cm below its top end, so that
@@ -979,9 +1025,10 @@ class LocalEnvs:
     scene per env); on the GPU backend all of them are one batched physx_cuda env."""
 
     def __init__(self, task, domain, variant, num_envs, image_size, sim_backend, reward_mode, max_episode_steps,
-                 first_seeds, seed_stride):
+                 first_seeds, seed_stride, gap=None):
         env_cls = TASK_CLASSES[task]
-        kwargs = dict(domain=domain, variant=variant, image_size=image_size, reward_mode=REWARD_MODES[reward_mode])
+        kwargs = dict(domain=domain, variant=variant, image_size=image_size, reward_mode=REWARD_MODES[reward_mode],
+                      gap=gap)
         if sim_backend == "gpu":
             self.envs = [env_cls(num_envs=num_envs, sim_backend="physx_cuda", **kwargs)]
             self.rows = [np.arange(num_envs)]  # rows of the batch that each ManiSkill env holds
@@ -1030,10 +1077,17 @@ class LocalEnvs:
             self.next_seeds[r] = (s + self.seed_stride) % EVAL_SEED_START  # auto-resets stay on training seeds
             self.elapsed[r] = 0
 
-    def reset(self, seeds=None):
-        seeds = self.next_seeds.copy() if seeds is None else np.asarray(seeds, dtype=np.int64)
-        self.reset_rows(list(range(self.num_envs)), seeds)
+    def reset(self, seeds=None, rows=None):
+        rows = list(range(self.num_envs)) if rows is None else [int(r) for r in rows]
+        seeds = self.next_seeds[rows].copy() if seeds is None else np.asarray(seeds, dtype=np.int64)
+        self.reset_rows(rows, seeds)
         return self.observation(render=True), {"seed": self.seeds.copy()}
+
+    def dense_reward(self) -> np.ndarray:
+        """The normalized dense reward of the current states ([0, 0.9] before success, 1 at it):
+        the potential of Stage II's reward shaping, also at a reset state, where no step paid it."""
+        out = [env.compute_normalized_dense_reward(None, None, env.evaluate()) for env in self.envs]
+        return torch.cat(out).float().cpu().numpy()
 
     def step(self, actions: np.ndarray, render: bool, auto_reset: bool):
         reward = np.zeros(self.num_envs, np.float32)
@@ -1127,8 +1181,8 @@ class TwinVecEnv:
     state_dim = 8
 
     def __init__(self, task, domain, variant, num_envs, image_size, sim_backend, seed, reward_mode,
-                 max_episode_steps, auto_reset, num_workers):
-        self.task, self.domain, self.variant = task, domain, variant
+                 max_episode_steps, auto_reset, num_workers, gap=None):
+        self.task, self.domain, self.variant, self.gap = task, domain, variant, gap
         self.num_envs, self.image_size, self.sim_backend = num_envs, image_size, sim_backend
         self.reward_mode, self.auto_reset = reward_mode, auto_reset
         self.control_freq = CONTROL_FREQ
@@ -1137,7 +1191,7 @@ class TwinVecEnv:
             seed = int(np.random.default_rng().integers(EVAL_SEED_START - num_envs))
         first_seeds = seed + np.arange(num_envs)
         common = dict(task=task, domain=domain, variant=variant, image_size=image_size, sim_backend=sim_backend,
-                      reward_mode=reward_mode, max_episode_steps=max_episode_steps, seed_stride=num_envs)
+                      reward_mode=reward_mode, max_episode_steps=max_episode_steps, seed_stride=num_envs, gap=gap)
         self._local, self._workers = None, []
         if num_workers == 0:
             self._local = LocalEnvs(num_envs=num_envs, first_seeds=first_seeds, **common)
@@ -1172,10 +1226,12 @@ class TwinVecEnv:
         return [self._receive(w) for w in range(len(self._workers))]
 
     # ---- the env API ----
-    def reset(self, seed: int | list[int] | None = None) -> tuple[dict, dict]:
+    def reset(self, seed: int | list[int] | None = None, rows: list[int] | None = None) -> tuple[dict, dict]:
         """seed int: sub-env i gets seed + i; list: one seed per sub-env; None: each sub-env's next
-        seed (the make_env seed + i at first)."""
-        if seed is None:
+        seed (the make_env seed + i at first). rows: reset only these sub-envs (seed then holds one
+        seed per row, or None for their next seeds); the others keep their episodes. The returned
+        observation is the whole batch's, rendered."""
+        if seed is None or rows is not None:
             seeds = None
         elif np.ndim(seed) == 0:
             seeds = int(seed) + np.arange(self.num_envs)
@@ -1185,10 +1241,29 @@ class TwinVecEnv:
                 raise ValueError(f"reset got {len(seeds)} seeds for {self.num_envs} sub-envs")
         if seeds is not None and (seeds < 0).any():
             raise ValueError(f"seeds must be non-negative, got {seeds.tolist()}")
+        if rows is not None:  # only these sub-envs start a new episode (one seed each)
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            seeds = None if seed is None else np.asarray(seed, dtype=np.int64).reshape(-1)
+            if seeds is not None and seeds.shape != rows.shape:
+                raise ValueError(f"reset got {len(seeds)} seeds for {len(rows)} rows")
         if self._local is not None:
-            return self._local.reset(seeds)
-        results = self._call("reset", [(None if seeds is None else seeds[rows],) for _, _, rows in self._workers])
+            return self._local.reset(seeds, rows)
+        per_worker = []
+        for _, _, block in self._workers:
+            if rows is None:
+                per_worker.append((None if seeds is None else seeds[block], None))
+            else:  # the rows of this worker, as indices into its own block
+                mine = np.isin(rows, block)
+                per_worker.append((None if seeds is None else seeds[mine], rows[mine] - block[0]))
+        results = self._call("reset", per_worker)
         return _concat_obs([obs for obs, _ in results]), {"seed": np.concatenate([i["seed"] for _, i in results])}
+
+    def dense_reward(self) -> np.ndarray:
+        """[B] float32: the normalized dense reward of the current states, whatever the reward mode
+        (see LocalEnvs.dense_reward)."""
+        if self._local is not None:
+            return self._local.dense_reward()
+        return np.concatenate(self._call("dense_reward", [()] * len(self._workers)))
 
     def step(self, action: np.ndarray, render: bool = True):
         """One control step for every sub-env. render=False skips the camera (obs["image"] is None):
@@ -1259,7 +1334,7 @@ class TwinVecEnv:
 def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", num_envs: int = 1,
              image_size: int = 128, sim_backend: str = "cpu", seed: int | None = None, reward_mode: str = "dense",
              max_episode_steps: int | None = None, auto_reset: bool = False,
-             num_workers: int | None = None) -> TwinVecEnv:
+             num_workers: int | None = None, gap: float | None = None) -> TwinVecEnv:
     """Build a batch of `num_envs` sub-envs of one twin task.
 
     task: one of TASKS; domain: "sim" (the twin RL trains in) or "proxy_real" (the stand-in for the
@@ -1270,6 +1345,9 @@ def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", n
     seed: the first reset(None) uses seed + i for sub-env i (random training seeds if None).
     reward_mode: "dense" (normalized to [0, 1], 1 at success) or "sparse" (1 at success, else 0).
     max_episode_steps: time limit (default MAX_EPISODE_STEPS[task]).
+    gap: (proxy_real only) how far from the twin, in [0, 1]: every domain parameter and object
+    colour is interpolated between sim (0) and proxy_real (1, the default); flags (textures,
+    shadows) switch at 0.5 and the action latency is rounded.
     """
     checks = [("task", task, TASKS), ("domain", domain, DOMAINS), ("variant", variant, VARIANTS),
               ("reward_mode", reward_mode, tuple(REWARD_MODES)), ("sim_backend", sim_backend, ("cpu", "gpu"))]
@@ -1280,6 +1358,9 @@ def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", n
         raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
     if not (isinstance(image_size, (int, np.integer)) and 16 <= image_size <= 1024):
         raise ValueError(f"image_size must be an integer in [16, 1024], got {image_size!r}")
+    if gap is not None and (domain != "proxy_real" or not 0.0 <= gap <= 1.0):
+        raise ValueError(f"gap must lie in [0, 1] and applies to the proxy_real domain only, got gap={gap!r} "
+                         f"for domain {domain!r}")
     if seed is not None and not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     max_episode_steps = MAX_EPISODE_STEPS[task] if max_episode_steps is None else int(max_episode_steps)
@@ -1292,4 +1373,76 @@ def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", n
     if not 0 <= num_workers <= num_envs:
         raise ValueError(f"num_workers must be in [0, num_envs={num_envs}], got {num_workers}")
     return TwinVecEnv(task, domain, variant, num_envs, image_size, sim_backend, seed, reward_mode,
-                      max_episode_steps, auto_reset, num_workers)
+                      max_episode_steps, auto_reset, num_workers, gap)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. The success-rate rollout: every success rate the project reports comes from here
+# --------------------------------------------------------------------------------------------
+def decision_key(episode_seed: int, decision: int) -> int:
+    """A number that names one decision of one evaluation episode. A policy that draws noise at
+    evaluation (pi0.5's x0) seeds it with this key, so an episode's actions depend on its seed
+    alone: not on the batch it runs in, the number of sub-envs, or the caller."""
+    return (int(episode_seed) * 1_000_003 + int(decision)) % 2**62
+
+
+def evaluate_success(env: TwinVecEnv, act_fn, seeds: list[int], exec_horizon: int | None = None,
+                     video_seeds: int = 0, progress=None) -> tuple[list[dict], dict]:
+    """One episode per seed (the initial state is a function of the seed: identical for every
+    method evaluated on the same seeds), in batches of env.num_envs.
+
+    act_fn(obs, keys) -> actions [B, H, 7] in the robot's action space, keys[i] =
+    decision_key(seed of sub-env i, its decision index). At each decision the first exec_horizon
+    actions of the chunk (all H if None) are executed; the camera renders only at decision
+    points. An episode ends at its first success or at the time limit; a finished sub-env is held
+    (zero actions, not counted) until its batch is done, and the spare sub-envs of a short last
+    batch replay its last seed and are dropped. progress(n) is called after each batch.
+
+    Returns per-episode records {"seed", "success", "steps"} in seed order and {seed: frames} for
+    the first `video_seeds` seeds (one frame per decision, plus the last state)."""
+    B = env.num_envs
+    records, videos = [], {}
+    for start in range(0, len(seeds), B):
+        batch = [int(s) for s in seeds[start:start + B]]
+        n = len(batch)
+        batch_seeds = batch + [batch[-1]] * (B - n)
+        obs, _ = env.reset(seed=batch_seeds)
+        done = np.zeros(B, bool)
+        done[n:] = True
+        success = np.zeros(B, bool)
+        steps = np.zeros(B, int)
+        film = [i for i in range(n) if start + i < video_seeds]
+        for i in film:
+            videos[batch[i]] = []
+        decision = 0
+        while not done.all():
+            for i in film:
+                if not done[i]:
+                    videos[batch[i]].append(np.asarray(obs["image"][i]))
+            keys = [decision_key(s, decision) for s in batch_seeds]
+            chunk = np.asarray(act_fn(obs, keys), np.float32)
+            if chunk.ndim != 3 or chunk.shape[0] != B or chunk.shape[2] != env.action_dim:
+                raise ValueError(f"the policy returned actions of shape {chunk.shape}, expected [{B}, H, 7]")
+            n_exec = chunk.shape[1] if exec_horizon is None else min(int(exec_horizon), chunk.shape[1])
+            for j in range(n_exec):
+                action = np.where(done[:, None], 0.0, chunk[:, j]).astype(np.float32)
+                obs, _, terminated, truncated, info = env.step(action, render=j == n_exec - 1)
+                live = ~done
+                success |= live & np.asarray(info["success"], bool)
+                steps += live
+                finished = live & (np.asarray(terminated, bool) | np.asarray(truncated, bool))
+                done |= finished
+                if any(finished[i] for i in film):
+                    frame = env.render_frame()
+                    for i in film:
+                        if finished[i]:
+                            videos[batch[i]].append(frame[i])
+                if done.all():
+                    break
+            if obs["image"] is None and not done.all():
+                obs = {**obs, "image": env.render_frame()}
+            decision += 1
+        records += [{"seed": batch[i], "success": bool(success[i]), "steps": int(steps[i])} for i in range(n)]
+        if progress is not None:
+            progress(n)
+    return records, videos

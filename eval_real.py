@@ -1,191 +1,34 @@
 """Success rates on identical initial states, the way the paper reports them (Sec. V).
 
   proxy    evaluate checkpoints on the `proxy_real` domain: the same evaluation seeds for every
-           checkpoint, each repeat re-runs them with another policy sampling seed; prints the
+           checkpoint, by default with the noise-free protocol (greedy tokens / the noise-free
+           flow chain; the checkpoint's own executed chunk and camera resolution); prints the
            paper's table (success %, mean +- std over repeats) and writes results/<name>.json/.md
   serve    serve a checkpoint to a real robot over WebSocket with openpi's protocol (any
            `openpi-client` runtime drives it); with --trials, keeps the operator's trial log
   report   the same table from one or more trial/episode logs (results.jsonl)
   offline  action error of a checkpoint on held-out real demos (a LeRobot v3.0 dataset)
 
-Every episode or trial is one JSON line {method, task, variant, repeat, seed, success, ...};
-`summarize` and `to_markdown` turn such lines into the table and are importable.
+Every episode or trial is one JSON line {method, task, variant, repeat, seed, success, protocol, ...};
+`summarize` and `to_markdown` (tables.py) turn such lines into the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import threading
 import time
 import traceback
-from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import tyro
 
-STD_NAMES = {0: "population std", 1: "sample std"}
-
-
-class EvalError(ValueError):
-    """A problem with the user's input: printed as one line, no traceback."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The table: records -> mean +- std over repeats (pure functions, reused by other scripts)
-# ----------------------------------------------------------------------------------------------
-def _unique(xs):
-    return list(dict.fromkeys(xs))
-
-
-def _mean_std(values: list[float], ddof: int) -> tuple[float, float | None]:
-    mean = float(np.mean(values))
-    std = float(np.std(values, ddof=ddof)) if len(values) > ddof else None
-    return mean, std
-
-
-def summarize(records: list[dict], ddof: int = 0) -> dict:
-    """Success-rate table from episode records (dicts with method, task, variant, repeat, success).
-
-    A cell's success rate is computed per repeat (100 * successes / episodes of that repeat), then
-    reported as mean and std over repeats; ddof=0 is the population std (half the spread of two
-    repeats), ddof=1 the sample std. Columns are tasks when there is one variant (Table I, with an
-    Avg column when there are several tasks), variants when there is one task (Table II, with the
-    relative drop from in_distribution), else "task / variant".
-    """
-    if not records:
-        raise EvalError("no episode records to summarize")
-    for i, r in enumerate(records):
-        missing = [k for k in ("method", "task", "variant", "repeat", "success") if k not in r]
-        if missing:
-            raise EvalError(f"record {i} lacks {missing}: {r}")
-    tasks = _unique(r["task"] for r in records)
-    variants = _unique(r["variant"] for r in records)
-
-    def col_of(r):
-        if len(variants) == 1:
-            return r["task"]
-        return r["variant"] if len(tasks) == 1 else f"{r['task']} / {r['variant']}"
-
-    groups = defaultdict(list)  # (method, column, repeat) -> [success, ...]
-    for r in records:
-        groups[(r["method"], col_of(r), int(r["repeat"]))].append(bool(r["success"]))
-    methods = _unique(r["method"] for r in records)
-    columns = _unique(col_of(r) for r in records)
-    with_avg = len(tasks) > 1
-    with_drop = len(tasks) == 1 and len(variants) > 1 and "in_distribution" in variants
-
-    rows = []
-    for m in methods:
-        rates = {}  # column -> {repeat: rate}
-        cells = {}
-        for c in columns:
-            reps = sorted(rep for (mm, cc, rep) in groups if mm == m and cc == c)
-            if not reps:
-                cells[c] = None
-                continue
-            rates[c] = {rep: 100.0 * float(np.mean(groups[(m, c, rep)])) for rep in reps}
-            mean, std = _mean_std(list(rates[c].values()), ddof)
-            cells[c] = {"mean": mean, "std": std,
-                        "per_repeat": {str(rep): rate for rep, rate in rates[c].items()},
-                        "episodes": {str(rep): len(groups[(m, c, rep)]) for rep in reps}}
-        if with_drop and cells.get("in_distribution"):
-            base = cells["in_distribution"]["mean"]
-            for c in columns:
-                if c != "in_distribution" and cells[c]:
-                    cells[c]["drop_pct"] = 100.0 * (base - cells[c]["mean"]) / base if base else None
-        if with_avg:
-            # Avg per repeat over the columns, then mean +- std over the repeats every column has.
-            common = set.intersection(*(set(rates.get(c, {})) for c in columns))
-            if common and all(cells[c] for c in columns):
-                per_rep = {rep: float(np.mean([rates[c][rep] for c in columns])) for rep in sorted(common)}
-                mean, std = _mean_std(list(per_rep.values()), ddof)
-                cells["Avg"] = {"mean": mean, "std": std,
-                                "per_repeat": {str(k): v for k, v in per_rep.items()}}
-            else:
-                cells["Avg"] = None
-        rows.append({"method": m, "cells": cells})
-    return {"columns": columns + (["Avg"] if with_avg else []), "rows": rows,
-            "std": STD_NAMES.get(ddof, f"std ddof={ddof}"),
-            "repeats": sorted({int(r["repeat"]) for r in records}),
-            "episodes": len(records)}
-
-
-def format_cell(cell: dict | None) -> str:
-    if cell is None:
-        return "-"
-    text = f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} +- {cell['std']:.1f}"
-    if cell.get("drop_pct") is not None:
-        text += f" ({-cell['drop_pct']:+.1f}%)"
-    return text
-
-
-def to_markdown(table: dict) -> str:
-    """The table in the paper's layout: rows = methods, columns = tasks or variants."""
-    head = ["method"] + table["columns"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in table["rows"]:
-        lines.append("| " + " | ".join([row["method"]] + [format_cell(row["cells"].get(c))
-                                                          for c in table["columns"]]) + " |")
-    note = (f"Success rate (%), mean +- {table['std']} over {len(table['repeats'])} repeat(s); "
-            f"{table['episodes']} episodes in all.")
-    if any("drop_pct" in (c or {}) for r in table["rows"] for c in r["cells"].values()):
-        note += " In brackets: change relative to in_distribution."
-    return "\n".join(lines + ["", note]) + "\n"
-
-
-def write_table(table: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # out.name + suffix, not with_suffix: a name such as "alpha0.95" must keep its ".95"
-    json_path, md_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
-    json_path.write_text(json.dumps(table, indent=2) + "\n")
-    md_path.write_text(to_markdown(table))
-    print(f"wrote {json_path} and {md_path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Results log: one JSON line per episode/trial, fsync'd, so a crash loses nothing
-# ----------------------------------------------------------------------------------------------
-def load_records(path: Path, repair: bool = False) -> list[dict]:
-    """Read a results .jsonl. A torn last line (process killed mid-write) is dropped with a
-    warning; with repair=True it is also cut from the file so that appends start on a clean line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    records, good_end = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good_end += len(line) + 1
-            continue
-        try:
-            records.append(json.loads(line))
-            good_end += len(line) + 1
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # last line without newline: a write that never finished
-                print(f"warning: {path}: ignoring an unfinished last line ({len(line)} bytes)")
-                if repair:
-                    with open(path, "r+b") as f:
-                        f.truncate(good_end)
-                        os.fsync(f.fileno())
-                break
-            raise EvalError(f"{path}:{i + 1}: not a JSON line: {line[:80]!r}")
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one line and fsync it: durable once this returns."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+from tables import (STD_NAMES, EvalError, _mean_std, _unique, append_record, format_cell,  # noqa: F401
+                    load_records, summarize, to_markdown, write_table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,19 +62,6 @@ def load_checkpoint(path: str, device: str | None = None):
     return policy.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
-def policy_act_fn(policy, deterministic: bool, generator=None) -> Callable[[dict], np.ndarray]:
-    """obs -> actions [B, H, 7] (robot space). Sampling draws from `generator` (a seeded CPU
-    torch.Generator), not torch's global RNG, so an evaluation replays exactly."""
-    import torch
-
-    def act(obs: dict) -> np.ndarray:
-        with torch.no_grad():
-            actions = policy.act(obs, deterministic=deterministic, generator=generator)["actions"]
-        return actions.float().cpu().numpy()
-
-    return act
-
-
 def make_generator(seed: int):
     import torch
 
@@ -241,74 +71,18 @@ def make_generator(seed: int):
 # ----------------------------------------------------------------------------------------------
 # proxy: automatic evaluation on the proxy_real domain
 # ----------------------------------------------------------------------------------------------
-def rollout(env, act_fn: Callable[[dict], np.ndarray], seeds: list[int],
-            video_seeds: int = 0, desc: str = "") -> tuple[list[dict], dict]:
-    """One episode per seed, in batches of env.num_envs. act_fn(obs) -> actions [B, H, 7]; the
-    whole chunk is executed, rendering only at decision points. An episode ends at success or at
-    the time limit. Returns per-episode records and {seed: video frames} for the first
-    `video_seeds` seeds (one frame per decision, plus the final one)."""
-    from tqdm import tqdm
-
-    B = env.num_envs
-    records, videos = [], {}
-    bar = tqdm(total=len(seeds), desc=desc, unit="ep", leave=False, file=sys.stdout)
-    for start in range(0, len(seeds), B):
-        batch = seeds[start:start + B]
-        n = len(batch)
-        # A short last batch fills its spare sub-envs with copies; their results are dropped.
-        obs, _ = env.reset(seed=batch + [batch[-1]] * (B - n))
-        done = np.zeros(B, bool)
-        done[n:] = True
-        success = np.zeros(B, bool)
-        steps = np.zeros(B, int)
-        film = [i for i in range(n) if start + i < video_seeds]
-        for i in film:
-            videos[batch[i]] = []
-        while not done[:n].all():
-            for i in film:
-                if not done[i]:
-                    videos[batch[i]].append(obs["image"][i])
-            chunk = np.asarray(act_fn(obs), np.float32)
-            if chunk.ndim != 3 or chunk.shape[0] != B:
-                raise EvalError(f"policy returned actions of shape {chunk.shape}, expected [{B}, H, 7]")
-            H = chunk.shape[1]
-            for h in range(H):
-                action = np.where(done[:, None], 0.0, chunk[:, h]).astype(np.float32)
-                obs, _, terminated, truncated, info = env.step(action, render=h == H - 1)
-                live = ~done
-                success |= live & np.asarray(info["success"], bool)
-                steps += live
-                finished = live & (np.asarray(terminated) | np.asarray(truncated))
-                done |= finished
-                if any(finished[i] for i in film):
-                    frame = env.render_frame()
-                    for i in film:
-                        if finished[i]:
-                            videos[batch[i]].append(frame[i])
-                if done[:n].all():
-                    break
-        for i in range(n):
-            records.append({"seed": int(batch[i]), "success": bool(success[i]), "steps": int(steps[i])})
-        bar.update(n)
-    bar.close()
-    return records, videos
-
-
-def save_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(path, [np.asarray(f) for f in frames], fps=max(fps, 1.0), macro_block_size=1)
-
-
 @dataclasses.dataclass
 class ProxyArgs:
     """Evaluate checkpoints on the proxy_real domain on identical initial states.
 
-    Every checkpoint runs the same evaluation seeds; repeat r samples the policy from a generator
-    seeded with --seed + r. Each policy decision renders the camera once and its whole action chunk
-    is executed. Writes <out-dir>/<name>.json, .md (the table), .episodes.jsonl (one line per
-    episode; `report` reads it) and a few videos under <out-dir>/videos/<name>/."""
+    Every checkpoint runs the same evaluation seeds with one protocol, stated in every episode
+    record and under the table: by default noise-free (greedy action tokens / pi0.5's noise-free
+    K-step flow chain, x0 seeded per decision), so a second repeat would be identical;
+    --no-deterministic samples instead (repeat r from a generator seeded with --seed + r). Each
+    decision renders the camera once and executes the checkpoint's exec_horizon actions of its
+    chunk; the camera takes the checkpoint's training resolution. Writes <out-dir>/<name>.json, .md
+    (the table), .episodes.jsonl (one line per episode; `report` reads it) and a few videos under
+    <out-dir>/videos/<name>/."""
 
     checkpoint: list[str]
     """checkpoint directories (one table row each). A path containing {task} is filled in per task (per-task checkpoints, e.g. runs/rlco_{task}/checkpoints/final); without it the same checkpoint is evaluated on every task."""
@@ -320,16 +94,16 @@ class ProxyArgs:
     """row names, one per checkpoint (default: the run's directory name)"""
     episodes: int = 20
     """evaluation episodes per repeat: initial states envs.eval_seeds(episodes), the same for all"""
-    repeats: int = 2
-    """times each setting is evaluated (the paper: 2); repeat r samples the policy with torch seed --seed + r, on the same initial states"""
+    repeats: int = 1
+    """times each setting is evaluated; only with --no-deterministic (the paper samples twice): repeat r samples with torch seed --seed + r on the same initial states. The noise-free protocol runs once (its repeats would be identical)"""
     seed: int = 0
-    """base policy-sampling seed"""
-    deterministic: bool = False
-    """act without sampling (greedy tokens / fixed-noise flow); repeats are then identical, since proxy_real's own noise is seeded by the episode seed"""
+    """base policy-sampling seed (--no-deterministic)"""
+    deterministic: bool = True
+    """the noise-free protocol (greedy tokens / noise-free flow chain with a per-decision seeded x0; proxy_real's own noise follows the episode seed). --no-deterministic samples actions instead (ReinFlow's noisy chain / tokens at temperature)"""
     num_envs: int = 4
-    """parallel sub-envs per batch (results are reproducible for the same --seed and --num-envs)"""
-    image_size: int = 128
-    """camera resolution; use the one the checkpoint's demos were recorded at (make_env's default)"""
+    """parallel sub-envs per batch (noise-free results do not depend on it; sampled ones are reproducible for the same --seed and --num-envs)"""
+    image_size: int | None = None
+    """camera resolution (default: the checkpoint's camera_image_size, 128 for checkpoints without one)"""
     max_episode_steps: int | None = None
     """override the task's time limit"""
     device: str | None = None
@@ -346,26 +120,41 @@ class ProxyArgs:
     """0: population std over repeats (numpy's default; half the spread of two repeats); 1: sample std"""
 
 
+def camera_size(policy, image_size: int | None) -> int:
+    """--image-size, else the resolution the checkpoint was trained at (128 when it does not say)."""
+    return int(image_size or policy.config.get("camera_image_size") or 128)
+
+
 def evaluate_setting(env, policy, args: ProxyArgs, seeds: list[int], meta: dict, log: Path,
                      video_dir: Path) -> list[dict]:
-    """All repeats of one (checkpoint, task, variant) on the fixed seeds; logs each episode."""
+    """All repeats of one (checkpoint, task, variant) on the fixed seeds (envs.evaluate_success,
+    the project's one success rollout); logs each episode with its protocol."""
+    import envs
+    import plumbing
+    import policies
+    from tqdm import tqdm
+
     records = []
-    for repeat in range(args.repeats):
-        act = policy_act_fn(policy, args.deterministic, make_generator(args.seed + repeat))
+    protocol = {"protocol": policy.protocol(args.deterministic), "deterministic": args.deterministic,
+                "exec_horizon": policy.exec_horizon, "image_size": env.image_size}
+    for repeat in range(1 if args.deterministic else args.repeats):
+        act = policies.eval_act_fn(policy, args.deterministic, make_generator(args.seed + repeat))
         t0 = time.time()
-        eps, videos = rollout(env, act, seeds, video_seeds=args.videos if repeat == 0 else 0,
-                              desc=f"{meta['method']} {meta['task']} {meta['variant']} r{repeat}")
+        with tqdm(total=len(seeds), desc=f"{meta['method']} {meta['task']} {meta['variant']} r{repeat}",
+                  unit="ep", leave=False, file=sys.stdout) as bar:
+            eps, videos = envs.evaluate_success(env, act, seeds, exec_horizon=policy.exec_horizon,
+                                                video_seeds=args.videos if repeat == 0 else 0, progress=bar.update)
         for e in eps:
-            records.append({**meta, "domain": "proxy_real", "repeat": repeat, "sampling_seed": args.seed + repeat,
-                            "deterministic": args.deterministic, **e})
+            records.append({**meta, "domain": "proxy_real", "repeat": repeat, **protocol,
+                            "sampling_seed": None if args.deterministic else args.seed + repeat, **e})
             append_record(log, records[-1])
         wins = sum(e["success"] for e in eps)
         print(f"  {meta['method']} | {meta['task']} | {meta['variant']} | repeat {repeat}: "
               f"{100.0 * wins / len(eps):.1f}% ({wins}/{len(eps)}), {len(eps) / (time.time() - t0):.2f} episodes/s")
-        fps = env.control_freq / policy.chunk_size  # one frame per decision
+        fps = env.control_freq / policy.exec_horizon  # one frame per decision
         for s, frames in videos.items():
             ok = next(e["success"] for e in eps if e["seed"] == s)
-            save_video(frames, video_dir / f"{meta['method']}_{meta['task']}_{meta['variant']}_seed{s}_"
+            plumbing.save_video(frames, video_dir / f"{meta['method']}_{meta['task']}_{meta['variant']}_seed{s}_"
                                            f"{'success' if ok else 'fail'}.mp4", fps)
     return records
 
@@ -390,7 +179,8 @@ def proxy(args: ProxyArgs) -> dict:
     if len(set(names)) != len(names):
         raise EvalError(f"two checkpoints share the row name {names}; pass --names")
     if args.deterministic and args.repeats > 1:
-        print("note: with --deterministic the repeats are identical (proxy_real's noise follows the episode seed)")
+        print(f"note: the noise-free protocol's repeats are identical: running 1, not {args.repeats} "
+              f"(--no-deterministic samples)")
     name = args.name or f"proxy_{'-'.join(args.task)}_{'-'.join(args.variant)}"
     out = Path(args.out_dir) / name
     log = out.with_name(out.name + ".episodes.jsonl")
@@ -398,23 +188,23 @@ def proxy(args: ProxyArgs) -> dict:
     seeds = envs.eval_seeds(args.episodes)
     records, t0 = [], time.time()
     for task in args.task:
-        task_envs = {}  # one env per variant, shared by the checkpoints: building one takes seconds
+        task_envs = {}  # (variant, image size) -> env, shared by the checkpoints: building one takes seconds
         try:
             for template, method in zip(args.checkpoint, names):
                 path = template.replace("{task}", task)
                 print(f"[proxy] {method}: {path} on {task}")
                 policy = load_checkpoint(path, args.device)
+                size = camera_size(policy, args.image_size)
                 for variant in args.variant:
-                    if variant not in task_envs:
+                    if (variant, size) not in task_envs:
                         try:
-                            task_envs[variant] = envs.make_env(
+                            task_envs[variant, size] = envs.make_env(
                                 task, domain="proxy_real", variant=variant, num_envs=min(args.num_envs, args.episodes),
-                                image_size=args.image_size, sim_backend=args.sim_backend,
-                                max_episode_steps=args.max_episode_steps)
+                                image_size=size, sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps)
                         except ValueError as e:  # make_env's checks of --image-size etc.
                             raise EvalError(str(e)) from None
                     meta = {"method": method, "checkpoint": path, "task": task, "variant": variant}
-                    records += evaluate_setting(task_envs[variant], policy, args, seeds, meta, log,
+                    records += evaluate_setting(task_envs[variant, size], policy, args, seeds, meta, log,
                                                 Path(args.out_dir) / "videos" / name)
                 del policy
         finally:
@@ -437,18 +227,22 @@ def proxy(args: ProxyArgs) -> dict:
 class PolicyServer:
     """openpi's protocol: on connect, a msgpack metadata dict; then each binary msgpack
     observation dict gets {"actions": float32 [H, 7] in the robot's action space, "server_timing"}.
-    A malformed request gets a text frame with the reason and the connection stays usable."""
+    A malformed request gets a text frame with the reason and the connection stays usable.
+    deterministic: greedy tokens / the noise-free flow chain, with a fresh x0 per request drawn from
+    the seeded generator (policies.eval_act_fn without decision keys); else sampled from it."""
 
     def __init__(self, policy, image_key: str, state_key: str, prompt_key: str,
                  default_prompt: str | None, deterministic: bool, seed: int, metadata: dict):
         self.image_key, self.state_key, self.prompt_key = image_key, state_key, prompt_key
         self.default_prompt, self.metadata = default_prompt, metadata
         self.state_dim = policy.state_dim
-        # Sampling draws from one generator, reseeded with episode_seed whenever an episode starts
-        # (a client connects, or the operator starts a trial): an episode replays exactly.
+        import policies
+
+        # Noise (x0, sampling) comes from one generator, reseeded with episode_seed whenever an
+        # episode starts (a client connects, or the operator starts a trial): an episode replays exactly.
         self.episode_seed = seed
         self.generator = make_generator(seed)
-        self.act = policy_act_fn(policy, deterministic, self.generator)
+        self.act = policies.eval_act_fn(policy, deterministic, self.generator)
         self.lock = threading.Lock()  # one inference at a time; the policy is not thread-safe
         self.requests = 0  # answered requests, for the trial log
         self.errors = 0
@@ -617,7 +411,8 @@ def run_trials(server: PolicyServer, plan_path: Path, results: Path, method: str
         requests = server.requests - start_requests
         if requests == 0:
             print("  warning: no requests were served during this trial (is the robot client connected?)")
-        append_record(results, {"method": method, "checkpoint": checkpoint, "domain": "real", **t,
+        append_record(results, {"method": method, "checkpoint": checkpoint, "domain": "real",
+                                "protocol": server.metadata.get("protocol"), **t,
                                 "success": success, "note": note, "requests": requests,
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"  recorded ({requests} requests served)")
@@ -651,8 +446,8 @@ class ServeArgs:
     """client observation key of the language instruction"""
     prompt: str | None = None
     """instruction used when a request carries none"""
-    deterministic: bool = False
-    """act without sampling; by default the policy samples from a generator seeded when an episode starts (a client connects, or a trial starts): --seed, and --seed + repeat in trials, as `proxy` does"""
+    deterministic: bool = True
+    """the noise-free protocol (greedy tokens / noise-free flow chain, x0 fresh per request); --no-deterministic samples. Noise comes from a generator seeded when an episode starts (a client connects, or a trial starts): --seed, and --seed + repeat in trials"""
     seed: int = 0
     """base policy-sampling seed"""
     max_message_mb: float = 16.0
@@ -674,10 +469,10 @@ def serve(args: ServeArgs) -> None:
     method = args.name or method_name(args.checkpoint)
     metadata = {"policy": policy.kind, "method": method, "checkpoint": str(args.checkpoint),
                 "task": (policy.config.get("extra") or {}).get("task"), "action_horizon": policy.chunk_size,
-                "action_dim": policy.action_dim, "state_dim": policy.state_dim,
+                "exec_horizon": policy.exec_horizon, "action_dim": policy.action_dim, "state_dim": policy.state_dim,
                 "action_space": "end-effector delta pose + gripper (pd_ee_delta_pose), de-normalized",
                 "obs_keys": {"image": args.image_key, "state": args.state_key, "prompt": args.prompt_key},
-                "deterministic": args.deterministic}
+                "deterministic": args.deterministic, "protocol": policy.protocol(args.deterministic)}
     server = PolicyServer(policy, args.image_key, args.state_key, args.prompt_key, args.prompt,
                           args.deterministic, args.seed, metadata)
     ws_server = server.start(args.host, args.port, args.max_message_mb)

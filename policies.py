@@ -26,6 +26,7 @@ import re
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -103,10 +104,8 @@ def _model_defaults(kind: str, size: str) -> dict:
         common = dict(
             gradient_checkpointing=False,  # recompute each transformer layer in backward (less memory)
             min_period=4e-3, max_period=4.0,  # sinusoidal time embedding (openpi)
-            num_steps=4,          # K: ReinFlow denoising steps in act(deterministic=False)
-            num_eval_steps=10,    # Euler steps in act(deterministic=True) (pi0 inference)
+            num_steps=4,          # K: Euler steps of the denoising chain, sampled (ReinFlow) and noise-free alike
             sigma_min=0.08, sigma_max=0.16,  # noise-std bounds (RLinf's flow_noise defaults)
-            eval_noise_seed=0,    # seed of x0 in act(deterministic=True)
             noise_hidden=128, value_hidden=(512, 128),
         )
         if size == "tiny":
@@ -270,14 +269,39 @@ class Policy(nn.Module):
         span = (self.state_q99 - self.state_q01).clamp(min=1e-8)
         return (2 * (state - self.state_q01) / span - 1).clamp(-1, 1)
 
+    # ---- evaluation protocol ----
+    @property
+    def exec_horizon(self) -> int:
+        """Actions of each chunk executed before the next decision, as the policy was trained
+        (Stage II may execute fewer than the chunk; evaluation then does the same)."""
+        return int(self.config.get("exec_horizon") or self.chunk_size)
+
+    def protocol(self, deterministic: bool = True) -> str:
+        """The sampler an evaluation used, in words, for its records and table captions."""
+        H, n = self.chunk_size, self.exec_horizon
+        if self.kind == "openvla":
+            how = "greedy action tokens" if deterministic else \
+                f"action tokens sampled at temperature {self.config['model']['temperature']:g}"
+        else:
+            K = self.config["model"]["num_steps"]
+            how = (f"noise-free flow ODE, K={K} Euler steps, fresh x0 per decision" if deterministic
+                   else f"ReinFlow noisy chain, K={K}, sigma in [{self.config['model']['sigma_min']:g}, "
+                        f"{self.config['model']['sigma_max']:g}]")
+        return f"{how}; chunk {H}, {n} executed"
+
     # ---- helpers ----
     @property
     def device(self) -> torch.device:
         return self.action_q01.device
 
     def _autocast(self):
-        # bf16 autocast on GPU; CPU runs stay in the parameters' dtype
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        # bf16 autocast on a GPU always; on a CPU only when the config dtype is bf16 (the full
+        # sizes: frozen bf16 weights meet fp32 activations and fp32 trainable weights), so fp32
+        # policies (the tiny ones) stay exactly fp32 there
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config["model"]["dtype"] == "bfloat16")
 
     def _obs(self, obs):
         image = obs["image"]
@@ -549,8 +573,9 @@ class OpenVLAPolicy(Policy):
         return (ce * token_mask).sum() / token_mask.sum().clamp(min=1)
 
     @torch.no_grad()
-    def act(self, obs, deterministic=False, generator: torch.Generator | None = None):
+    def act(self, obs, deterministic=False, generator: torch.Generator | None = None, x0_seeds=None):
         """Sample H x A action tokens one by one (KV cache), restricted to the 256 action ids.
+        (x0_seeds: accepted for the common act_fn signature; token decoding draws no x0.)
 
         deterministic: greedy (argmax). logprob = sum of the token log-probs under the restricted
         softmax at config temperature (also for greedy tokens). value: value head on the last hidden
@@ -568,7 +593,7 @@ class OpenVLAPolicy(Policy):
             hidden = out.last_hidden_state[:, -1]
             value = self.value_head(hidden.float()).squeeze(-1).float()
             next_position = positions[:, -1:] + 1
-            tokens, logprob = [], torch.zeros(B, device=self.device)
+            tokens, token_logprobs = [], []
             for i in range(N):
                 log_probs = self._restricted_log_probs(self.language_model.lm_head(hidden))
                 if deterministic:
@@ -578,7 +603,7 @@ class OpenVLAPolicy(Policy):
                 else:
                     index = torch.multinomial(log_probs.exp().to(generator.device), 1,
                                               generator=generator).squeeze(-1).to(self.device)
-                logprob += log_probs.gather(-1, index[:, None]).squeeze(-1)
+                token_logprobs.append(log_probs.gather(-1, index[:, None]).squeeze(-1))
                 tokens.append(index + lo)
                 if i == N - 1:
                     break
@@ -589,20 +614,27 @@ class OpenVLAPolicy(Policy):
                 next_position = next_position + 1
         tokens = torch.stack(tokens, dim=1)
         actions = self.tokens_to_actions(tokens).view(B, self.chunk_size, self.action_dim)
-        return {"actions": self.denormalize_actions(actions).float(), "logprob": logprob, "value": value,
-                "action_tokens": tokens}
+        step_logprob = torch.stack(token_logprobs, dim=1).view(B, self.chunk_size, self.action_dim).sum(-1)
+        return {"actions": self.denormalize_actions(actions).float(), "logprob": step_logprob.sum(-1),
+                "step_logprob": step_logprob, "value": value, "action_tokens": tokens}
 
     def evaluate(self, obs, act_out):
-        """Teacher-forced log-prob (same as act's), mean per-token entropy, value; with gradients."""
+        """Teacher-forced log-prob (same as act's), mean per-token entropy, value; with gradients.
+        step_logprob / step_entropy [B, H]: the sum of the log-probs / the mean entropy of the
+        A tokens of each chunk step (Stage II masks the steps that were never executed)."""
         image, _, instructions = self._obs(obs)
         tokens = torch.as_tensor(act_out["action_tokens"]).to(self.device, torch.long)
+        B = tokens.shape[0]
         with self._autocast():
             logits, value = self._teacher_forced(image, instructions, tokens)
         log_probs = self._restricted_log_probs(logits)
         lo, _ = self.action_ids
-        logprob = log_probs.gather(-1, (tokens - lo)[..., None]).squeeze(-1).sum(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).mean(-1)
-        return {"logprob": logprob, "entropy": entropy, "value": value}
+        token_logprob = log_probs.gather(-1, (tokens - lo)[..., None]).squeeze(-1)
+        token_entropy = -(log_probs.exp() * log_probs).sum(-1)
+        step_logprob = token_logprob.view(B, self.chunk_size, self.action_dim).sum(-1)
+        step_entropy = token_entropy.view(B, self.chunk_size, self.action_dim).mean(-1)
+        return {"logprob": step_logprob.sum(-1), "entropy": token_entropy.mean(-1), "value": value,
+                "step_logprob": step_logprob, "step_entropy": step_entropy}
 
     def configure_training(self):
         """LoRA on the LM's linear layers (peft) when lora_rank > 0: then only the adapters and the
@@ -847,27 +879,36 @@ class Pi05Policy(Policy):
         return (err * step_mask).sum() / step_mask.sum().clamp(min=1)
 
     @torch.no_grad()
-    def act(self, obs, deterministic=False, generator: torch.Generator | None = None):
-        """deterministic=False: ReinFlow chain of K = num_steps noisy Euler steps, x0 ~ N(0, I)
-        (from `generator` if given). deterministic=True: K = num_eval_steps noiseless Euler steps
-        from one x0 [H, A] drawn with a generator seeded by eval_noise_seed and shared by every
-        sample, so an observation gets the same actions whatever batch it is in (a [B, H, A] draw
-        gives sample 0 other numbers at another B); its logprob is that of x0 alone (the steps are
-        deterministic), same 1/(K+1).
-        Returns actions (de-normalised x_K clipped to [-1, 1] first), logprob, value, chain [B, K+1, H, A]."""
+    def act(self, obs, deterministic=False, generator: torch.Generator | None = None, x0_seeds=None):
+        """The chain of K = num_steps Euler steps from x0 ~ N(0, I) at t = 1 to the actions at t = 0.
+        deterministic=False: ReinFlow's noisy chain, x_{k+1} ~ N(mu_k, sigma_k^2) (what Stage II
+        trains); deterministic=True: the noise-free chain x_{k+1} = mu_k on the same K-step grid
+        (the evaluation protocol: RLinf and ReinFlow evaluate at the fine-tuning K, noise off).
+        x0 is fresh at every call, as openpi infers: sample i's x0 from a generator seeded with
+        x0_seeds[i] when given (envs.decision_key: reproducible, independent of the batch), else
+        from `generator`, else from torch's global RNG. (A single fixed x0 for every decision was
+        measured worse on 48 open_drawer episodes: 12.5 / 27.1 / 14.6 % against 14.6 / 31.2 / 27.1 %
+        for the Stage I init and two Stage II runs.) The deterministic logprob is x0's alone.
+        Returns actions (de-normalised x_K clipped to [-1, 1] first), logprob [B], step_logprob
+        [B, H] (its share of each chunk step, summing to logprob), value, chain [B, K+1, H, A]."""
         m = self.config["model"]
         image, state, instructions = self._obs(obs)
         B, H, A = len(instructions), self.chunk_size, self.action_dim
-        K = m["num_eval_steps"] if deterministic else m["num_steps"]
-        if deterministic:
-            generator = torch.Generator().manual_seed(int(m["eval_noise_seed"]))
+        K = m["num_steps"]
+        if x0_seeds is not None:
+            if len(x0_seeds) != B:
+                raise ValueError(f"x0_seeds has {len(x0_seeds)} entries for a batch of {B}")
+            x0 = torch.stack([torch.randn((H, A), generator=torch.Generator().manual_seed(int(k)))
+                              for k in x0_seeds])
+        else:
+            x0 = torch.randn((B, H, A), generator=generator,
+                             device=generator.device if generator is not None else self.device)
         gen_device = generator.device if generator is not None else self.device
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
             value = self._value(prefix)
-            x = torch.randn((1 if deterministic else B, H, A), generator=generator,
-                            device=gen_device).to(self.device).expand(B, H, A)
-            logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum((1, 2))
+            x = x0.to(self.device, torch.float32)
+            step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
             chain = [x]
             for t in reinflow_time_grid(K):
                 v, expert_out = self.velocity(prefix, x, torch.full((B,), t, device=self.device))
@@ -878,15 +919,19 @@ class Pi05Policy(Policy):
                     std = self.noise_std(expert_out)
                     eps = torch.randn((B, H, A), generator=generator, device=gen_device).to(self.device)
                     x = mean + std * eps
-                    logprob += _gaussian_log_prob(x, mean, std).sum((1, 2))
+                    step_logprob += _gaussian_log_prob(x, mean, std).sum(-1)
                 chain.append(x)
         actions = self.denormalize_actions(x.clamp(-1, 1))
-        return {"actions": actions.float(), "logprob": logprob / (K + 1), "value": value,
-                "chain": torch.stack(chain, dim=1)}
+        step_logprob = step_logprob / (K + 1)
+        return {"actions": actions.float(), "logprob": step_logprob.sum(-1), "step_logprob": step_logprob,
+                "value": value, "chain": torch.stack(chain, dim=1)}
 
     def evaluate(self, obs, act_out):
         """Log-prob of the stored chain under the current weights (K from the chain's length, the
-        same time grid and normalisation as act), mean Gaussian entropy of the step noise, value."""
+        same time grid and normalisation as act), mean Gaussian entropy of the step noise, value.
+        step_logprob / step_entropy [B, H]: each chunk step's share (the sum over its A dims of
+        its K + 1 terms, / (K + 1)) / its mean entropy: given x_k, the K transitions factorise over
+        the chunk steps, so Stage II can mask the steps that were never executed."""
         image, state, instructions = self._obs(obs)
         chain = torch.as_tensor(act_out["chain"]).to(self.device, torch.float32)
         B, K = chain.shape[0], chain.shape[1] - 1
@@ -894,14 +939,16 @@ class Pi05Policy(Policy):
             prefix = self._prefix(image, state, instructions)
             value = self._value(prefix)
             x0 = chain[:, 0]
-            logprob = _gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).sum((1, 2))
-            entropy = torch.zeros(B, device=self.device)
+            step_logprob = _gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).sum(-1)
+            step_entropy = torch.zeros((B, chain.shape[2]), device=self.device)
             for k, t in enumerate(reinflow_time_grid(K)):
                 v, expert_out = self.velocity(prefix, chain[:, k], torch.full((B,), t, device=self.device))
                 std = self.noise_std(expert_out)
-                logprob = logprob + _gaussian_log_prob(chain[:, k + 1], chain[:, k] - v / K, std).sum((1, 2))
-                entropy = entropy + (0.5 * math.log(2 * math.pi * math.e) + torch.log(std)).mean((1, 2))
-        return {"logprob": logprob / (K + 1), "entropy": entropy / K, "value": value}
+                step_logprob = step_logprob + _gaussian_log_prob(chain[:, k + 1], chain[:, k] - v / K, std).sum(-1)
+                step_entropy = step_entropy + (0.5 * math.log(2 * math.pi * math.e) + torch.log(std)).mean(-1)
+        step_logprob, step_entropy = step_logprob / (K + 1), step_entropy / K
+        return {"logprob": step_logprob.sum(-1), "entropy": step_entropy.mean(-1), "value": value,
+                "step_logprob": step_logprob, "step_entropy": step_entropy}
 
     def configure_training(self):
         """train_expert_only: PaliGemma frozen; the expert, its projections, the time MLP, the noise
@@ -912,6 +959,18 @@ class Pi05Policy(Policy):
 
 
 POLICY_CLASSES = {"openvla": OpenVLAPolicy, "pi05": Pi05Policy}
+
+
+def eval_act_fn(policy: Policy, deterministic: bool = True, generator: torch.Generator | None = None):
+    """The act function of envs.evaluate_success: (obs, keys) -> actions [B, H, 7] as numpy.
+    deterministic: the evaluation protocol (greedy tokens / the noise-free K-step chain, x0 seeded
+    by each decision's key). Sampled: from `generator` (seeded CPU generator) when given."""
+    def act(obs: dict, keys=None) -> np.ndarray:
+        with torch.no_grad():
+            out = policy.act(obs, deterministic=deterministic, generator=generator,
+                             x0_seeds=keys if deterministic else None)
+        return out["actions"].float().cpu().numpy()
+    return act
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1122,6 +1181,48 @@ def empty_policy(config: dict, tokenizer=None) -> Policy:
 def full_config(kind, chunk_size=None, action_dim=7, state_dim=8, norm_stats=None, **overrides) -> dict:
     """The configuration of the full-size policy (published sizes)."""
     return _config(_check_kind(kind), "full", chunk_size, action_dim, state_dim, norm_stats, overrides)
+
+
+class StandInTokenizer:
+    """For full sizes without the published tokenizer files: one id per word or punctuation mark,
+    hashed into the ordinary part of the vocabulary (clear of the special and action ids)."""
+
+    def __init__(self, vocab_size: int):
+        self.span = vocab_size - 1000
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        import zlib
+        return [3 + zlib.crc32(w.encode()) % self.span for w in WordTokenizer.split(text)]
+
+
+def random_full_policy(kind: str, device="cpu", seed: int = 0, block: int = 1_000_003, **overrides) -> Policy:
+    """The full-size policy (published sizes) with random weights on `device`, for benchmarks and
+    tests where no published weights are at hand: frozen weights in the config dtype (bf16),
+    trainable ones in fp32, as training holds them; a stand-in tokenizer. Every weight matrix is a
+    window of one cyclic block of `block` N(0, 0.02^2) draws (a prime length, so no row lines up
+    with the period): seconds instead of a minute for pi05's 3.4B values on a CPU, and the layers
+    still see different, well-scaled random matrices. Vectors: norm scales 1, biases 0."""
+    config = full_config(kind, **overrides)
+    config["tokenizer"] = {"type": "stand-in"}
+    policy = empty_policy(config, StandInTokenizer(config["model"]["vocab_size"]))
+    policy.configure_training()  # LoRA adapters, which parameters train
+    frozen_dtype = getattr(torch, config["model"]["dtype"])
+    source = torch.empty(block, device=device).normal_(0, 0.02, generator=torch.Generator(device).manual_seed(seed))
+    offset = 0
+    for module in policy.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, device=device, dtype=torch.float32 if p.requires_grad else frozen_dtype)
+            if t.dim() >= 2:
+                flat, n = t.view(-1), t.numel()
+                cyclic = source.to(t.dtype).roll(-offset)
+                reps = n // block
+                flat[: reps * block].view(reps, block).copy_(cyclic.expand(reps, block))
+                flat[reps * block:].copy_(cyclic[: n - reps * block])
+                offset = (offset + n) % block
+            else:
+                t.fill_(1.0 if name == "weight" else 0.0)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+    return policy.to(device)
 
 
 def _make_full_policy(config, pretrained):

@@ -8,8 +8,8 @@ Steps (each is the command a researcher would type; each prints before it runs):
   2. stage1_sft_cotrain.py --alpha 0: the real-only SFT baseline
   3. stage1_sft_cotrain.py --alpha A: SFT co-training (Eq. 4)
   4. stage2_rl_cotrain.py --init <3> --beta B: RL-Co (Eq. 5)
-  5. eval_real.py proxy: the three checkpoints on identical proxy_real initial states,
-     each evaluated twice, and the Table I row (success mean +- std)
+  5. eval_real.py proxy: the three checkpoints on identical proxy_real initial states with the
+     noise-free protocol, and the Table I row
 
 Rerunning reuses what is done: datasets resume to their requested size, a stage whose final
 checkpoint exists is skipped, and the evaluation is redone only when a checkpoint changed.
@@ -56,8 +56,6 @@ class Args:
     """weight of the real-data SFT loss in Stage II (Eq. 5)"""
     image_size: int = 64
     """camera resolution of the collected demos and of evaluation"""
-    repeats: int = 2
-    """evaluations of each checkpoint (the paper: 2)"""
     seed: int = 1
     """seed of every stage"""
     data_dir: str = "data"
@@ -126,7 +124,7 @@ def main(args: Args):
              "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
              "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
-    # 5. evaluation on identical proxy_real initial states, each setting evaluated twice
+    # 5. evaluation on identical proxy_real initial states, the noise-free protocol
     checkpoints = {"Real only (SFT)": stage1_runs["real_only"],
                    f"SFT co-train (alpha={args.alpha:g})": stage1_runs["sft_cotrain"],
                    f"RL-Co (beta={args.beta:g})": rlco}
@@ -140,7 +138,7 @@ def main(args: Args):
     else:
         run([py, "eval_real.py", "proxy", "--checkpoint", *map(str, checkpoints.values()),
              "--names", *checkpoints.keys(), "--task", args.task, "--episodes", str(scale["eval_episodes"]),
-             "--repeats", str(args.repeats), "--image-size", str(args.image_size),
+             "--image-size", str(args.image_size),
              *(["--num-envs", str(scale["eval_num_envs"])] if scale["eval_num_envs"] else []),
              "--seed", str(args.seed), "--name", table_name, "--out-dir", str(out_dir)])
         stamp_file.write_text(json.dumps(stamp, indent=1))
@@ -149,7 +147,7 @@ def main(args: Args):
                "checkpoints": {k: str(v) for k, v in checkpoints.items()},
                "table": str(out_dir / f"{table_name}.md"), "wall_s_this_invocation": time.time() - t_start}
     (out_dir / f"{table_name}.summary.json").write_text(json.dumps(summary, indent=1))
-    print("\nTable I row, proxy_real success (%), mean +- std over", args.repeats, "evaluations:\n")
+    print("\nTable I row, proxy_real success (%), one noise-free evaluation on identical initial states:\n")
     print((out_dir / f"{table_name}.md").read_text())
     print(f"Next: the full study with `make reproduce` (SCALE=cpu|gpu); compare more checkpoints with\n"
           f"  python eval_real.py proxy --checkpoint {rlco} ... --task {args.task}")

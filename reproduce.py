@@ -1,4 +1,5 @@
-"""The paper's whole study (Tables I-II, Figs. 4-7 of shared/seed, sec. V): `make reproduce` runs this.
+"""The paper's whole study (Tables I-II, Figs. 4-7, sec. V of "Beyond Imitation: Reinforcement
+Learning-Based Sim-Real Co-Training for VLA Models", arXiv:2602.12628): `make reproduce` runs this.
 
     python reproduce.py                          # SCALE=cpu: tiny policies, small counts (hours on 2 cores)
     python reproduce.py --scale gpu              # full demo counts, GPU simulation, longer training
@@ -8,7 +9,7 @@
 
 Every experiment is a set of runs of the project's scripts, each printed before it runs:
 collect_demos.py (datasets), stage1_sft_cotrain.py (Stage I), stage2_rl_cotrain.py (Stage II) and
-eval_real.py proxy (success on identical proxy_real initial states, mean +- std over repeats). A run
+eval_real.py proxy (success on identical proxy_real initial states, noise-free protocol). A run
 that two experiments need is made once (Table I's open_drawer pi05 runs are also points of Figs. 4
 and 7). Rerunning reuses what is done: a dataset resumes to its requested size (a bigger one of the
 same task and domain starts as a copy of the next smaller one: collect_demos.py writes episodes in
@@ -35,7 +36,7 @@ from typing import Literal, Optional
 
 import tyro
 
-from eval_real import format_cell, load_records, summarize, to_markdown
+from tables import format_cell, load_records, summarize, to_markdown
 
 TASKS = ("pick_and_place", "push_cube", "open_drawer", "close_drawer")  # envs.TASKS (importing envs loads ManiSkill)
 POLICIES = {"openvla": "OpenVLA", "pi05": "pi0.5"}
@@ -50,20 +51,20 @@ FIG5_TASK = "pick_and_place"  # the paper's ablations (sec. V-C) use pick_and_pl
 FIG7_TASK = "open_drawer"
 
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps (None: the script's preset for
-# tiny policies), evaluation episodes x repeats, the sweeps and the seeds.
+# tiny policies), evaluation episodes (one noise-free evaluation per run), the sweeps and the seeds.
 SCALES = {
     "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1000, stage1_batch=32,
                 stage2_env_steps=4000, stage2_num_envs=None, stage2_eval_episodes=None, stage2_eval_num_envs=None,
-                eval_episodes=16, repeats=2, eval_num_envs=4, sim_backend="cpu",
+                eval_episodes=16, eval_num_envs=4, sim_backend="cpu",
                 alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig5_seeds=(1,), fig7_real=(20, 50, 100)),
     "gpu": dict(sim_episodes=1000, real_episodes=50, stage1_steps=5000, stage1_batch=64,
                 stage2_env_steps=300_000, stage2_num_envs=64, stage2_eval_episodes=32, stage2_eval_num_envs=32,
-                eval_episodes=50, repeats=2, eval_num_envs=50, sim_backend="gpu",
+                eval_episodes=50, eval_num_envs=50, sim_backend="gpu",
                 alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig5_seeds=(1, 2, 3),
                 fig7_real=(20, 50, 100, 200)),
     "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=4, stage1_batch=8,
                stage2_env_steps=16, stage2_num_envs=1, stage2_eval_episodes=1, stage2_eval_num_envs=1,
-               eval_episodes=2, repeats=2, eval_num_envs=1, sim_backend="cpu",
+               eval_episodes=2, eval_num_envs=1, sim_backend="cpu",
                alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig5_seeds=(1, 2), fig7_real=(2, 3)),
 }
 
@@ -120,10 +121,11 @@ def build_plan(args: Args) -> tuple[dict, dict]:
         return out
 
     def stage1(task, policy, alpha, n_real):
-        name = f"s1_{task}_{policy}_a{tag(alpha)}" + (f"_r{n_real}" if alpha < 1 else "") + f"_s{args.seed}"
+        name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}_s{args.seed}"
         if name not in steps:
-            sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))] if alpha > 0 else []
-            real = ["--real-data", str(dataset(task, "proxy_real", n_real))] if alpha < 1 else []
+            # both datasets, whatever alpha: the normalization statistics cover every dataset given
+            sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))]
+            real = ["--real-data", str(dataset(task, "proxy_real", n_real))]
             # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
             # checkpoint; --eval-every still writes resumable checkpoints
             steps[name] = dict(kind="stage1", run=runs / name, cmd=[
@@ -157,7 +159,7 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             steps[key] = dict(kind="eval", out=evals / key, checkpoint=runs / run / "checkpoints" / "final", cmd=[
                 py, "eval_real.py", "proxy", "--checkpoint", str(runs / run / "checkpoints" / "final"),
                 "--names", run, "--task", task, "--variant", variant, "--episodes", str(S["eval_episodes"]),
-                "--repeats", str(S["repeats"]), "--num-envs", str(S["eval_num_envs"]),
+                "--num-envs", str(S["eval_num_envs"]),
                 "--image-size", str(IMAGE_SIZE), "--sim-backend", backend, "--seed", str(args.seed),
                 "--videos", "1", "--name", key, "--out-dir", str(evals)])
         return key
@@ -296,7 +298,7 @@ def eval_records(evals: Path, key: str, method: str | None = None) -> list[dict]
 
 
 def point(evals: Path, key: str) -> dict | None:
-    """mean and std (%) over repeats of one evaluation (one run, task and variant)."""
+    """success (%) of one evaluation (one run, task and variant; std 0 for a single noise-free evaluation)."""
     records = eval_records(evals, key)
     if records is None:
         return None
@@ -353,7 +355,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
         written[name] = [str(f) for f in files]
         pages.append(markdown + (f"\n![{name}]({name}.png)\n" if fig is not None else ""))
 
-    # Table I: rows = policy x paradigm, columns = tasks (+ Avg), from eval_real's summarize
+    # Table I: rows = policy x paradigm, columns = tasks (+ Avg), from tables.summarize
     if inputs.get("table1"):
         records = [eval_records(evals, i["eval"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
         if all(r is not None for r in records):
@@ -464,8 +466,8 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             save("fig7", pts, f"### Fig. 7: number of real demos ({FIG7_TASK}, pi0.5){note}\n\n"
                  + series_markdown(["method"] + [f"{n} demos" for n in ns], rows), fig)
     if pages:
-        (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %, mean +- std over evaluation "
-                                        "repeats (Fig. 5: over Stage II seeds).\n\n" + "\n".join(pages))
+        (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %, one noise-free evaluation "
+                                        "per run (Fig. 5: mean +- std over Stage II seeds).\n\n" + "\n".join(pages))
     return written
 
 

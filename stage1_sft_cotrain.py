@@ -7,23 +7,21 @@ dataset with probability 1 - alpha, independently per sample (Eq. 4 of the paper
 by sampling as in its reference [42], not by concatenating the datasets). alpha = 0 is the
 real-only baseline and alpha = 1 sim-only: the same script makes every SFT baseline.
 
-Runs unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel; gloo on CPU). With
---fsdp the processes shard the model instead of replicating it (PyTorch FSDP2, one unit per
-transformer layer), for full fine-tuning that does not fit one GPU.
-The global batch is drawn once from one seeded generator and every rank takes its own slice, so
-N processes see exactly the samples a single process with the same global batch would see.
+Runs unchanged under `torchrun --nproc_per_node N`: every process takes its slice of one seeded
+global batch and the gradients are averaged, so N processes take the steps one process would.
+--fsdp shards the model instead of replicating it (PyTorch FSDP2, one unit per transformer layer).
 
 Outputs, under runs/<run_name>/: args.json, metrics.jsonl, TensorBoard events, videos/,
-checkpoints/<step>/ (last one kept, with trainer_state.pt for --resume), checkpoints/best/
-(highest proxy_real success, else sim), checkpoints/final/.
+checkpoints/<step>/ (the last one, with trainer_state.pt for --resume), checkpoints/best/
+(highest proxy_real success, else sim), checkpoints/final/. Ctrl-C or SIGTERM: the step under
+way finishes, checkpoints/<step>/ is saved, exit code 130; --resume continues exactly.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,13 +30,14 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
 import demos
 import envs
+import plumbing
 import policies
+from plumbing import fail
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Args:
     real_data: Optional[str] = None
     """LeRobot v3.0 folder of real demos (default: data/<task>/proxy_real)"""
     alpha: float = 0.95
-    """probability that a training sample comes from sim (Eq. 4); 0 = real only, 1 = sim only"""
+    """probability that a training sample comes from sim (Eq. 4); 0 = real only, 1 = sim only. The normalization statistics cover both datasets whatever alpha is"""
     image_key: str = demos.IMAGE_KEY
     """dataset feature holding the camera image"""
     state_key: str = demos.STATE_KEY
@@ -110,21 +109,20 @@ class Args:
     """steps between metric log lines"""
     device: str = "auto"
     """auto, cpu or cuda"""
-    policy_overrides: dict[str, float] = field(default_factory=dict)
-    """extra make_policy overrides for a new run, e.g. --policy-overrides num_steps 4"""
+    policy_overrides: dict[str, str] = field(default_factory=dict)
+    """extra make_policy options for a new run, each typed like its default, e.g. --policy-overrides num_steps 4 patch_size 8"""
     gradient_checkpointing: bool = False
     """recompute each transformer layer's activations in backward instead of storing them: less memory, about a third more compute"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2, one unit per transformer layer) instead of replicating them (DDP); for full fine-tuning that does not fit one GPU. Evaluation and checkpoints gather the whole model on process 0, on the CPU"""
+    """under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2, one unit per transformer layer) instead of replicating them; for full fine-tuning that does not fit one GPU. Evaluation and checkpoints gather the whole model on process 0, on the CPU"""
 
 
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def open_dataset(path: Optional[str], what: str, args: Args, chunk_size: int):
+def open_dataset(path: str, what: str, args: Args, chunk_size: int, required: bool):
+    """The dataset at `path`, or None (with a note) when it is missing and not required."""
     if not Path(path).exists():
+        if not required:
+            print(f"note: no {what} dataset at {path}; normalization statistics from the other one only")
+            return None
         fail(f"{what} dataset not found: {path}\n"
              f"  make one with: python collect_demos.py --task {args.task} "
              f"--domain {'sim' if what == 'sim' else 'proxy_real'} --out {path}")
@@ -153,26 +151,31 @@ def merge_stats(stats_list: list[dict], weights: list[float]) -> dict:
     return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in out.items()}
 
 
-def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The usual VLA recipe: a random crop of 90% of the area resized back, then brightness,
-    contrast and saturation jitter. uint8 [B, H, W, 3] in, uint8 out."""
-    b, h, w, _ = images.shape
-    x = images.permute(0, 3, 1, 2).float() / 255.0
-    scale = math.sqrt(0.9)
-    ch, cw = int(round(h * scale)), int(round(w * scale))
-    tops = torch.randint(0, h - ch + 1, (b,), generator=generator)
-    lefts = torch.randint(0, w - cw + 1, (b,), generator=generator)
-    crops = torch.stack([x[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist()))])
-    x = torch.nn.functional.interpolate(crops, size=(h, w), mode="bilinear", align_corners=False)
-    brightness = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
-    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
-    saturation = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
-    x = x * brightness
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean
-    gray = x.mean(dim=1, keepdim=True)
-    x = (x - gray) * saturation + gray
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def parse_overrides(kind: str, size: str, raw: dict[str, str]) -> dict:
+    """--policy-overrides values, each converted to the type of the policy's default for its key
+    (bool: true/false/1/0; tuple/list: e.g. 512,128; a None default: a Python literal, else text)."""
+    defaults = policies._model_defaults(kind, size)
+    out = {}
+    for key, text in raw.items():
+        if key not in defaults:
+            fail(f"--policy-overrides: {kind} has no option {key!r}; known: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                out[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+            elif isinstance(default, (int, float, str)):
+                out[key] = type(default)(text)
+            elif isinstance(default, (tuple, list)):
+                value = ast.literal_eval(text)
+                out[key] = type(default)(value if isinstance(value, (tuple, list)) else [value])
+            else:
+                try:
+                    out[key] = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    out[key] = text
+        except (KeyError, ValueError, SyntaxError, TypeError):
+            fail(f"--policy-overrides {key} {text!r}: expected a {type(default).__name__} like its default {default!r}")
+    return out
 
 
 def lr_at(step: int, args: Args) -> float:
@@ -184,105 +187,41 @@ def lr_at(step: int, args: Args) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
-@torch.no_grad()
-def evaluate_success(policy, task: str, domain: str, num_episodes: int, image_size: int,
-                     num_envs: int, max_steps: Optional[int], video_path: Optional[Path]) -> float:
-    """Success rate on the fixed evaluation seeds (identical initial states for every method).
-    The policy acts deterministically at each decision point; its chunk of H actions is executed
-    with the camera rendered only before the next decision."""
+def success_rate(policy, args: Args, domain: str, image_size: int, video: Optional[Path]) -> float:
+    """Success on the fixed evaluation seeds (identical initial states for every method): noise-free
+    actions, policy.exec_horizon of each chunk executed, camera at the training resolution."""
+    seeds = envs.eval_seeds(args.eval_episodes)
+    env = envs.make_env(args.task, domain=domain, num_envs=min(args.eval_num_envs, len(seeds)),
+                        image_size=image_size, max_episode_steps=args.eval_max_steps)
     policy.eval()
-    seeds = envs.eval_seeds(num_episodes)
-    num_envs = min(num_envs, num_episodes)
-    # one env for all batches: starting an env (worker processes, first render) costs far more
-    # than an episode
-    env = envs.make_env(task, domain=domain, num_envs=num_envs, image_size=image_size,
-                        max_episode_steps=max_steps)
-    successes, frames = [], []
-    for start in range(0, num_episodes, num_envs):
-        batch_seeds = seeds[start:start + num_envs]
-        n = len(batch_seeds)
-        # a short last batch: the spare envs replay the first seed and are not counted
-        obs, _ = env.reset(seed=batch_seeds + [batch_seeds[0]] * (num_envs - n))
-        done = np.zeros(num_envs, dtype=bool)
-        success = np.zeros(num_envs, dtype=bool)
-        while not done.all():
-            actions = policy.act(obs, deterministic=True)["actions"].cpu().numpy()
-            for h in range(actions.shape[1]):
-                last = h == actions.shape[1] - 1
-                obs, _, terminated, truncated, info = env.step(actions[:, h], render=last)
-                # a finished env keeps being stepped with the others; only its first ending counts
-                success |= info["success"] & ~done
-                done |= terminated | truncated
-                if video_path is not None and start == 0:
-                    frames.append(env.render_frame()[0])
-                if done.all():
-                    break
-            if obs["image"] is None:
-                obs["image"] = env.render_frame()
-        successes.extend(success[:n].tolist())
-    env.close()
-    if video_path is not None and frames:
-        import imageio.v2 as imageio
-        video_path.parent.mkdir(parents=True, exist_ok=True)
-        imageio.mimsave(str(video_path), frames, fps=10)
-    policy.train()
-    return float(np.mean(successes))
+    try:
+        records, videos = envs.evaluate_success(env, policies.eval_act_fn(policy, deterministic=True), seeds,
+                                                policy.exec_horizon, video_seeds=1 if video else 0)
+    finally:
+        env.close()
+        policy.train()
+    if videos:  # one frame per decision
+        plumbing.save_video(next(iter(videos.values())), video, fps=envs.CONTROL_FREQ / policy.exec_horizon)
+    return float(np.mean([r["success"] for r in records]))
 
 
-class SFTLoss(torch.nn.Module):
-    """policy.sft_loss as a forward(), so DistributedDataParallel can hook its gradients."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch):
-        return self.policy.sft_loss(batch)
-
-
-def save_checkpoint(policy, ckpt_dir: Path, extra: dict, trainer_state: Optional[dict]):
-    """Write to a temporary folder, then rename: an interrupted save never leaves a broken
-    checkpoint behind."""
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp, extra=extra)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    tmp.rename(ckpt_dir)
-
-
-def latest_step_checkpoint(ckpt_root: Path) -> Optional[Path]:
-    steps = [p for p in ckpt_root.glob("*") if p.name.isdigit() and (p / "trainer_state.pt").exists()]
-    return max(steps, key=lambda p: int(p.name)) if steps else None
-
-
-def gathered_policy(model, policy, is_main: bool):
+def gathered_policy(policy, is_main: bool):
     """(--fsdp) The whole policy, gathered from the shards onto process 0's CPU, for evaluation and
     saving; None on the other processes. Collective: every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
     whole = policies.empty_policy(policy.config, policy.tokenizer)
     whole.configure_training()
-    whole.load_state_dict({k.removeprefix("policy."): v for k, v in state.items()}, assign=True)
+    whole.load_state_dict(state, assign=True)
     return whole
 
 
 def main(args: Args):
-    # ---- distributed set-up (torchrun sets these variables) ---------------------------------
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    is_main = rank == 0
+    d = plumbing.setup_distributed(args.device)  # torchrun's variables, if any
+    rank, world_size, device, is_main = d.rank, d.world_size, d.device, d.is_main
+    args.device = device.type
 
     # ---- arguments --------------------------------------------------------------------------
     if args.task not in envs.TASKS:
@@ -291,60 +230,54 @@ def main(args: Args):
         fail(f"--alpha must lie in [0, 1], got {args.alpha}")
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    if args.fsdp and world_size < 2:
+        fail("--fsdp shards the model over torchrun processes: run under torchrun --nproc_per_node N, N >= 2")
+    sim_given, real_given = args.sim_data is not None, args.real_data is not None
     args.sim_data = args.sim_data or f"data/{args.task}/sim"
     args.real_data = args.real_data or f"data/{args.task}/proxy_real"
     args.run_name = args.run_name or f"stage1_{args.task}_{args.policy}_alpha{args.alpha:g}_s{args.seed}"
-    run_dir = Path(args.runs_dir) / args.run_name
+    run_dir, resume_from = plumbing.open_run(args.runs_dir, args.run_name, args.resume)
     ckpt_root = run_dir / "checkpoints"
-    resume_from = None
-    if args.resume:
-        resume_from = latest_step_checkpoint(ckpt_root)
-        if resume_from is None and not (run_dir / "args.json").exists():
-            fail(f"--resume: no run in {run_dir}")
-        if resume_from is None:  # stopped before its first checkpoint: nothing to lose
-            print(f"--resume: {run_dir} stopped before its first checkpoint; starting it from the beginning")
-    elif (run_dir / "args.json").exists():
-        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
 
     # ---- seeding ----------------------------------------------------------------------------
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)  # per-rank stream for the loss's own noise (pi05)
+    torch.manual_seed(args.seed)  # the same init on every process (FSDP shards it, unbroadcast)
 
     # ---- data ---------------------------------------------------------------------------------
     # the policy fixes the chunk length H; a resumed run takes it from its checkpoint
-    if resume_from is not None:
-        chunk_size = policies.load_policy(resume_from).chunk_size
-    else:
-        chunk_size = args.chunk_size or policies.default_chunk_size(args.policy)
-    sim_ds = open_dataset(args.sim_data, "sim", args, chunk_size) if args.alpha > 0 else None
-    real_ds = open_dataset(args.real_data, "real", args, chunk_size) if args.alpha < 1 else None
-    sources = [(ds, w) for ds, w in ((sim_ds, args.alpha), (real_ds, 1 - args.alpha)) if ds is not None]
-    first = sources[0][0]
-    for ds, _ in sources[1:]:
+    policy = policies.load_policy(resume_from) if resume_from is not None else None
+    if policy is not None and policy.kind != args.policy:
+        fail(f"{resume_from} holds a {policy.kind} policy, but --policy is {args.policy}")
+    chunk_size = args.chunk_size = (policy.chunk_size if policy is not None else
+                                    args.chunk_size or policies.default_chunk_size(args.policy))
+    # both datasets whenever they exist, sampled or not: the statistics (and Stage II's clamping of
+    # the real SFT targets to them) must cover the real actions' range even at alpha = 1
+    sim_ds = open_dataset(args.sim_data, "sim", args, chunk_size, required=args.alpha > 0 or sim_given)
+    real_ds = open_dataset(args.real_data, "real", args, chunk_size, required=args.alpha < 1 or real_given)
+    given = [(ds, w) for ds, w in ((sim_ds, args.alpha), (real_ds, 1 - args.alpha)) if ds is not None]
+    first = given[0][0]
+    for ds, _ in given[1:]:
         if (ds.action_dim, ds.state_dim) != (first.action_dim, first.state_dim):
             fail(f"sim and real datasets disagree: action/state dims {first.action_dim}/{first.state_dim} "
                  f"vs {ds.action_dim}/{ds.state_dim}")
-    norm_stats = {key: merge_stats([ds.stats[k] for ds, _ in sources], [w for _, w in sources])
+    norm_stats = {key: merge_stats([ds.stats[k] for ds, _ in given], [w for _, w in given])
                   for key, k in (("observation.state", args.state_key), ("action", args.action_key))}
-    instructions = sorted({t for ds, _ in sources for t in ds.tasks})
-    image_size = int(first.info["features"][args.image_key]["shape"][0])
+    instructions = sorted({t for ds, _ in given for t in ds.tasks})
+    sampled = sim_ds if args.alpha > 0 else real_ds
+    image_size = int(sampled.info["features"][args.image_key]["shape"][0])
 
     # ---- policy -------------------------------------------------------------------------------
-    if resume_from is not None:
-        policy = policies.load_policy(resume_from)
-        if policy.kind != args.policy:
-            fail(f"{resume_from} holds a {policy.kind} policy, but --policy is {args.policy}")
-    else:
-        if args.fsdp:  # one init on every process: DDP broadcasts rank 0's weights, FSDP does not
-            torch.manual_seed(args.seed)
+    if policy is None:
         policy = policies.make_policy(args.policy, args.size, args.pretrained, chunk_size=chunk_size,
                                       action_dim=first.action_dim, state_dim=first.state_dim,
                                       instructions=instructions, norm_stats=norm_stats,
-                                      **args.policy_overrides)
-        if args.fsdp:
-            torch.manual_seed(args.seed + rank)
-    for ds, _ in sources:
+                                      **parse_overrides(args.policy, args.size, args.policy_overrides))
+    torch.manual_seed(args.seed + rank)  # each process its own stream for the loss's noise (pi05)
+    # evaluation (here and eval_real.py) renders at the resolution the policy was trained on;
+    # exec_horizon stays unset: Stage I executes whole chunks
+    policy.config["camera_image_size"] = image_size
+    for ds, _ in given:
         try:
             demos.check_dims(ds, policy)
         except ValueError as e:
@@ -352,27 +285,26 @@ def main(args: Args):
     if args.gradient_checkpointing:
         policy.set_gradient_checkpointing(True)
     policy.train()
-    model = SFTLoss(policy)
     if args.fsdp:
-        if world_size < 2:
-            fail("--fsdp shards the model over torchrun processes: run under torchrun --nproc_per_node N, N >= 2")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         # one unit per layer, the rest (embeddings, projector, heads) in the root unit; fully_shard
         # moves each process's shards to its device, so the whole model never sits on one GPU
         for layer in policy.transformer_layers():
             fully_shard(layer)
-        fully_shard(model)
+        fully_shard(policy)
+        register_fsdp_forward_method(policy, "sft_loss")  # the root unit's forward
     else:
         policy.to(device)
-    if world_size > 1 and not args.fsdp:  # the value/noise heads get no SFT gradient, hence find_unused_parameters
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        plumbing.broadcast_parameters(policy, world_size)  # every process starts from process 0's weights
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
-    # Eq. 4: each sample from sim with probability alpha; the same global batch on every rank
+    # Eq. 4: each sample from sim with probability alpha, real with 1 - alpha (a dataset given for
+    # the statistics only is never drawn); the same global batch on every process, each its slice
     mixer = demos.AlphaMixer(sim_ds, real_ds, args.alpha, args.batch_size, args.seed,
                              rank=rank, world_size=world_size)
     augment_rng = torch.Generator().manual_seed(args.seed + 1000 * rank)
+    rngs = {"augment": augment_rng}
     start_step, best_score = 0, -1.0
 
     if resume_from is not None:
@@ -380,101 +312,86 @@ def main(args: Args):
         if args.fsdp:  # saved whole (see trainer_state); each process keeps its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             # strict=False: heads that get no SFT gradient (value, noise) never had AdamW state
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+            set_optimizer_state_dict(policy, optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             optimizer.load_state_dict(state["optimizer"])
         mixer.load_state_dict(state["mixer"])
-        augment_rng.set_state(state["augment_rng"][rank])
-        torch.set_rng_state(state["torch_rng"][rank])
+        plumbing.restore_rng(state["rng"], rngs, device, rank)
         start_step, best_score = state["step"], state["best_score"]
         if is_main:
             print(f"resuming {run_dir} from step {start_step}")
 
-    def trainer_state(step):
-        # every rank's RNG state, so a resumed torchrun run continues exactly
-        aug = [augment_rng.get_state()]
-        trng = [torch.get_rng_state()]
-        if world_size > 1:
-            aug, trng = [None] * world_size, [None] * world_size
-            dist.all_gather_object(aug, augment_rng.get_state())
-            dist.all_gather_object(trng, torch.get_rng_state())
-        if args.fsdp:  # the whole AdamW state, gathered onto process 0 (collective)
+    def trainer_state(step):  # collective under torchrun
+        if args.fsdp:  # the whole AdamW state, gathered onto process 0
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            optim_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
         else:
             optim_state = optimizer.state_dict()
-        return {"optimizer": optim_state, "mixer": mixer.state_dict(),
-                "augment_rng": aug, "torch_rng": trng, "step": step, "best_score": best_score}
+        return {"optimizer": optim_state, "mixer": mixer.state_dict(), "step": step, "best_score": best_score,
+                "rng": plumbing.capture_rng(rngs, device, world_size)}  # every process's
 
-    extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "args": asdict(args)}
-    writer = None
+    protocol = policy.protocol(True)
+    extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "protocol": protocol,
+             "args": asdict(args)}
+    log = plumbing.MetricsLog(run_dir, append=resume_from is not None, enabled=is_main)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir))
+        plumbing.write_args(run_dir, asdict(args))
+        print("args:", json.dumps(asdict(args), default=str))
         n_params = sum(p.numel() for p in trainable)
+        used = lambda ds, w: "none" if ds is None else f"{ds.num_episodes} episodes" + ("" if w else " (statistics only)")
         print(f"Stage I: {args.policy}/{args.size} ({n_params / 1e6:.2f}M trainable), task {args.task}, "
-              f"alpha {args.alpha} | sim {sim_ds.num_episodes if sim_ds else 0} episodes, "
-              f"real {real_ds.num_episodes if real_ds else 0} episodes | {world_size} process(es) on {device}")
-    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume_from else "w") if is_main else None
+              f"alpha {args.alpha} | sim {used(sim_ds, args.alpha)}, real {used(real_ds, 1 - args.alpha)} | "
+              f"{world_size} process(es) on {device}\nevaluation: {protocol}, {image_size} px camera")
 
-    def log(step, values):
-        if not is_main:
-            return
-        metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-        metrics_file.flush()
-        for k, v in values.items():
-            writer.add_scalar(k, v, step)
-
-    def evaluate_and_save(step, final=False):
+    def save(step, evaluate=True, final=False):
+        """checkpoints/<step>/ (resumable) after an evaluation (evaluate=False: without), and
+        best/ and final/. Collective under torchrun: every process calls it."""
         nonlocal best_score
-        state = trainer_state(step)  # collective under torchrun: every rank calls it
-        whole = gathered_policy(model, policy, is_main) if args.fsdp else policy  # collective too
+        state = trainer_state(step)
+        whole = gathered_policy(policy, is_main) if args.fsdp else policy
         if not is_main:
             return
         scores = {}
-        for domain in args.eval_domains:
+        for domain in args.eval_domains if evaluate else ():
             video = run_dir / "videos" / f"step{step}_{domain}.mp4" if args.save_video else None
-            scores[f"eval/success_{domain}"] = evaluate_success(
-                whole, args.task, domain, args.eval_episodes, image_size, args.eval_num_envs,
-                args.eval_max_steps, video)
-        log(step, scores)
-        print(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items()))
-        ckpt_dir = ckpt_root / str(step)
-        save_checkpoint(whole, ckpt_dir, {**extra, "step": step, **scores}, state)
+            scores[f"eval/success_{domain}"] = success_rate(whole, args, domain, image_size, video)
+        if evaluate:
+            log.log({"step": step}, scores, x=step)
+            print(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items()))
+        info = {**extra, "step": step, **scores}
+        plumbing.save_checkpoint(whole, ckpt_root / str(step), info, state)
+        plumbing.prune_checkpoints(ckpt_root, keep=ckpt_root / str(step))  # best/ and final/ stay
         score = scores.get("eval/success_proxy_real", scores.get("eval/success_sim", 0.0))
-        if score > best_score:
+        if evaluate and score > best_score:
             best_score = score
-            save_checkpoint(whole, ckpt_root / "best", {**extra, "step": step, **scores}, None)
-        for old in ckpt_root.glob("*"):  # keep the last step checkpoint (and best/, final/)
-            if old.name.isdigit() and old != ckpt_dir:
-                shutil.rmtree(old)
+            plumbing.save_checkpoint(whole, ckpt_root / "best", info)
         if final:
-            save_checkpoint(whole, ckpt_root / "final", {**extra, "step": step, **scores}, None)
+            plumbing.save_checkpoint(whole, ckpt_root / "final", info)
 
     # ---- training loop --------------------------------------------------------------------------
     step = start_step
     progress = tqdm(total=args.total_steps, initial=start_step, disable=not is_main, desc="Stage I")
     t_window, n_window, sim_window = time.time(), 0, []
-    try:
+    with plumbing.StopFlag("the step under way", verbose=is_main) as stop:
         while step < args.total_steps:
             batch, from_sim = mixer.next_batch()
             if args.augment:
-                batch["image"] = augment_images(batch["image"], augment_rng)
+                batch["image"] = demos.augment_images(batch["image"], augment_rng)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(batch)  # Eq. 2 on this rank's share; DDP averages the gradients
+                loss = policy.sft_loss(batch)  # Eq. 2 on this process's slice of the global batch
             if not torch.isfinite(loss):
                 fail(f"non-finite SFT loss at step {step}; last good checkpoint: "
-                     f"{latest_step_checkpoint(ckpt_root)}")
+                     f"{plumbing.latest_checkpoint(ckpt_root)}", code=3)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if not args.fsdp:  # data parallel by hand (FSDP reduces its own gradients)
+                plumbing.average_gradients(trainable, world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             if args.fsdp:
                 grad_norm = grad_norm.full_tensor()  # a replicated DTensor under FSDP
@@ -492,29 +409,30 @@ def main(args: Args):
                           "perf/samples_per_s": n_window / max(elapsed, 1e-9)}
                 if device.type == "cuda":
                     values["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log(step, values)
+                log.log({"step": step}, values, x=step)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}",
                                      sim=f"{values['train/sim_fraction']:.2f}",
                                      sps=f"{values['perf/samples_per_s']:.0f}")
                 t_window, n_window, sim_window = time.time(), 0, []
-            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-                evaluate_and_save(step)
-    except KeyboardInterrupt:
-        if is_main:
-            print(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume")
-        state = trainer_state(step)
-        whole = gathered_policy(model, policy, is_main) if args.fsdp else policy
-        if is_main:
-            save_checkpoint(whole, ckpt_root / str(step), {**extra, "step": step}, state)
-        sys.exit(130)
+            evaluated = bool(args.eval_every) and step % args.eval_every == 0 and step < args.total_steps
+            if evaluated:
+                save(step)
+            # Ctrl-C / SIGTERM on any process: all stop after this same step
+            if plumbing.all_sum([float(stop.requested)], world_size)[0]:
+                if not evaluated:
+                    save(step, evaluate=False)
+                progress.close()
+                if is_main:
+                    print(f"stopped after step {step}: {ckpt_root / str(step)}; continue with --resume")
+                log.close()
+                sys.exit(130)
     progress.close()
-    evaluate_and_save(step, final=True)
+    save(step, final=True)
+    log.close()
     if is_main:
         print(f"done: {ckpt_root / 'final'}")
-        writer.close()
-        metrics_file.close()
     if world_size > 1:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -137,9 +137,11 @@ def test_killed_collection_resumes_to_the_same_dataset(tmp_path, tiny_data):
     assert pq.read_table(tiny_data["sim"] / demos.EPISODES_PATH)["seed"].to_pylist() == seeds[:4]
     n = len(ref)
     # same seeds, same episodes; PhysX on the CPU is reproducible only to ~1e-5 between an
-    # in-process env and a worker process, so compare to that precision
-    np.testing.assert_allclose(ds.states[:n], ref.states, atol=1e-4)
-    np.testing.assert_allclose(ds.actions[:n], ref.actions, atol=1e-3)
+    # in-process env and a worker process, and the expert's closed loop grows that over an episode
+    # (on this project's 2-core machine, at HEAD too: 1.04e-4 in 1 of 480 state values and 2.1e-3 in
+    # 3 of 420 expert actions), so compare to 5e-4 and 5e-3
+    np.testing.assert_allclose(ds.states[:n], ref.states, atol=5e-4)
+    np.testing.assert_allclose(ds.actions[:n], ref.actions, atol=5e-3)
     for i in range(0, n, 7):
         diff = np.abs(ds[i]["image"].astype(int) - ref[i]["image"].astype(int))
         assert diff.mean() < 2.0, (i, diff.mean())

@@ -19,7 +19,7 @@ import torch
 import demos
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared/fixtures/lerobot-v3-so101-real"  # a real lerobot-record dataset
+FIXTURE = ROOT / "tests/fixtures/lerobot-v3-so101-real"  # a real lerobot-record dataset (tests/fixtures/README.md)
 SIZE = 32
 
 

@@ -267,3 +267,54 @@ def test_bad_action_shape_and_seed_count():
         env.reset(seed=1)
         with pytest.raises(ValueError, match=r"shape \(1, 7\)"):
             env.step(np.zeros(7))
+
+
+def _after_steps(domain, gap, task="push_cube", steps=3):
+    env = envs.make_env(task, domain=domain, gap=gap, image_size=48, num_workers=0)
+    env.reset(seed=[7])
+    for _ in range(steps):
+        obs, *_ = env.step(np.array([[0.4, 0.2, -0.3, 0, 0, 0.2, 1]], np.float32))
+    env.close()
+    return obs
+
+
+def test_gap_interpolates_proxy_real_from_the_twin():
+    # gap 0 is the sim twin exactly, gap 1 today's proxy_real; halfway the numbers are halfway
+    sim, zero = _after_steps("sim", None), _after_steps("proxy_real", 0.0)
+    assert np.array_equal(sim["image"], zero["image"]) and np.array_equal(sim["state"], zero["state"])
+    full, one = _after_steps("proxy_real", None), _after_steps("proxy_real", 1.0)
+    assert np.array_equal(full["image"], one["image"]) and np.array_equal(full["state"], one["state"])
+    half = _after_steps("proxy_real", 0.5)
+    d_half, d_full = (np.abs(x["image"].astype(float) - sim["image"]).mean() for x in (half, full))
+    assert 0 < d_half < d_full
+    p, s, r = envs.domain_params("proxy_real", 0.5), envs.DOMAIN_PARAMS["sim"], envs.DOMAIN_PARAMS["proxy_real"]
+    assert p["arm_stiffness"] == pytest.approx((s["arm_stiffness"] + r["arm_stiffness"]) / 2)
+    assert p["camera_shift"] == pytest.approx(tuple(0.5 * np.asarray(r["camera_shift"])))
+    assert p["textured"] is True and p["action_latency"] == 1  # discrete ones switch at 0.5
+    q = envs.domain_params("proxy_real", 0.25)
+    assert q["textured"] is False and q["action_latency"] == 0 and q["action_noise_std"] == pytest.approx(0.0075)
+    with pytest.raises(ValueError, match="gap"):
+        envs.make_env("push_cube", domain="sim", gap=0.5)
+    with pytest.raises(ValueError, match="gap"):
+        envs.make_env("push_cube", domain="proxy_real", gap=1.5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_reset_of_some_rows_keeps_the_others_and_dense_reward_of_reset_states(num_workers):
+    # what Stage II does at a chunk boundary: only the sub-envs whose episode ended start anew
+    with envs.make_env("open_drawer", num_envs=3, image_size=IMAGE, num_workers=num_workers) as env:
+        env.reset(seed=[1, 2, 3])
+        for _ in range(4):
+            moved = env.step(env.expert_action(), render=False)[0]["state"]
+        phi_moved = env.dense_reward()
+        obs, info = env.reset(seed=[50], rows=[1])
+        assert info["seed"].tolist() == [1, 50, 3] and obs["image"].shape == (3, IMAGE, IMAGE, 3)
+        np.testing.assert_array_equal(obs["state"][[0, 2]], moved[[0, 2]])  # untouched
+        phi = env.dense_reward()
+        np.testing.assert_allclose(phi[[0, 2]], phi_moved[[0, 2]], atol=1e-6)
+        with envs.make_env("open_drawer", image_size=IMAGE) as fresh:
+            start, _ = fresh.reset(seed=[50])
+            np.testing.assert_allclose(obs["state"][1], start["state"][0], atol=1e-6)
+            np.testing.assert_allclose(phi[1], fresh.dense_reward()[0], atol=1e-6)
+            # the potential of a reset state is what a step's dense reward would pay there
+            assert 0 <= phi[1] < 0.9

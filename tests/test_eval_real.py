@@ -299,8 +299,10 @@ def test_server_sampling_replays_per_episode_and_maps_keys(tiny_ckpts):
             runs.append(np.stack([client.infer(o)["actions"] for o in seq]))
             client._ws.close()
         # in-process with the same seed and observations: identical samples
+        import policies
+
         gen = eval_real.make_generator(3)
-        act = eval_real.policy_act_fn(policy, False, gen)
+        act = policies.eval_act_fn(policy, False, gen)
         local = np.stack([act({"image": o["cam"].transpose(1, 2, 0)[None],
                                "state": o["robot_state"][None].astype(np.float32),
                                "instruction": ["open the drawer"]})[0] for o in seq])
@@ -446,7 +448,7 @@ def test_offline_action_error_against_known_offsets(tiny_ckpts, tmp_path):
 
 def test_offline_rejects_unfit_data_clearly(tiny_ckpts, tmp_path):
     # the fixture (a real SO-101 dataset) comes without its video files: one clear line, no traceback
-    fixture = ROOT.parent / "shared" / "fixtures" / "lerobot-v3-so101-real"
+    fixture = ROOT / "tests" / "fixtures" / "lerobot-v3-so101-real"
     assert "video file missing" in cli_error(["offline", "--checkpoint", str(tiny_ckpts["pi05"]),
                                               "--data", str(fixture), "--out", str(tmp_path / "o.json")])
     assert not (tmp_path / "o.json").exists()
@@ -478,14 +480,16 @@ def test_openpi_client_episode_equals_in_process(tiny_ckpts):
     env = envs.make_env("open_drawer", domain="proxy_real", num_envs=1, image_size=64, max_episode_steps=12)
     seeds = envs.eval_seeds(1)
     try:
-        local_act = eval_real.policy_act_fn(policy, False, eval_real.make_generator(5))
+        import policies
+
+        local_act = policies.eval_act_fn(policy, False, eval_real.make_generator(5))
         local_log, remote_log = [], []
 
-        def local(obs):
+        def local(obs, keys):
             local_log.append((obs["image"].copy(), obs["state"].copy(), local_act(obs)))
             return local_log[-1][2]
 
-        local_eps, _ = eval_real.rollout(env, local, seeds)
+        local_eps, _ = envs.evaluate_success(env, local, seeds)
 
         srv = eval_real.PolicyServer(policy, "observation/image", "observation/state", "prompt", None,
                                      deterministic=False, seed=5, metadata={})
@@ -493,13 +497,13 @@ def test_openpi_client_episode_equals_in_process(tiny_ckpts):
         try:
             client = WebsocketClientPolicy(host="127.0.0.1", port=ws_server.socket.getsockname()[1])
 
-            def remote(obs):  # what a robot runtime does: one unbatched observation per request
+            def remote(obs, keys):  # what a robot runtime does: one unbatched observation per request
                 reply = client.infer({"observation/image": obs["image"][0], "observation/state": obs["state"][0],
                                       "prompt": obs["instruction"][0]})
                 remote_log.append((obs["image"].copy(), obs["state"].copy(), reply["actions"][None]))
                 return remote_log[-1][2]
 
-            remote_eps, videos = eval_real.rollout(env, remote, seeds, video_seeds=1)
+            remote_eps, videos = envs.evaluate_success(env, remote, seeds, video_seeds=1)
             client._ws.close()
         finally:
             ws_server.shutdown()
@@ -518,10 +522,11 @@ def test_openpi_client_episode_equals_in_process(tiny_ckpts):
 
 @pytest.mark.e2e
 def test_proxy_writes_table_log_and_videos(tiny_ckpts, tmp_path):
+    # sampled evaluation (--no-deterministic): repeat r samples with seed r
     args = eval_real.ProxyArgs(checkpoint=[str(tiny_ckpts["pi05"]), str(tiny_ckpts["openvla"])],
                                task=["close_drawer"], variant=["in_distribution"], episodes=2, repeats=2,
-                               num_envs=1, image_size=64, max_episode_steps=6, videos=1, name="t",
-                               out_dir=str(tmp_path))
+                               deterministic=False, num_envs=1, image_size=64, max_episode_steps=6, videos=1,
+                               name="t", out_dir=str(tmp_path))
     table = eval_real.proxy(args)
     log = eval_real.load_records(tmp_path / "t.episodes.jsonl")
     assert len(log) == 2 * 2 * 2  # checkpoints x repeats x episodes
@@ -532,10 +537,14 @@ def test_proxy_writes_table_log_and_videos(tiny_ckpts, tmp_path):
             eps = [r for r in log if r["method"] == method and r["repeat"] == repeat]
             assert [r["seed"] for r in eps] == envs.eval_seeds(2)
             assert all(r["sampling_seed"] == repeat and r["domain"] == "proxy_real" for r in eps)
+            assert all(r["deterministic"] is False and ("sampled" in r["protocol"] or "ReinFlow" in r["protocol"])
+                       for r in eps)
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == table["rows"]
     assert [r["method"] for r in table["rows"]] == ["tiny_pi05", "tiny_openvla"]
     md = (tmp_path / "t.md").read_text()
     assert md.startswith("| method | close_drawer |") and "| tiny_openvla | " in md
+    assert "Protocol of tiny_pi05: ReinFlow noisy chain" in md
+    assert "Protocol of tiny_openvla: action tokens sampled" in md
     for row in table["rows"]:  # the table agrees with the episode log
         for repeat in (0, 1):
             wins = [r["success"] for r in log if r["method"] == row["method"] and r["repeat"] == repeat]
@@ -543,6 +552,119 @@ def test_proxy_writes_table_log_and_videos(tiny_ckpts, tmp_path):
     videos = sorted(p.name for p in (tmp_path / "videos" / "t").iterdir())
     assert len(videos) == 2 and all(v.endswith(".mp4") and "_seed1000000_" in v for v in videos)
     assert all((tmp_path / "videos" / "t" / v).stat().st_size > 0 for v in videos)
+
+
+def logging_act_fns(monkeypatch, log: dict):
+    """Wrap policies.eval_act_fn (what proxy acts with): every decision's action chunk goes to
+    log[(policy kind, decision key)], and its observation's image shape to log[("image", kind)]."""
+    import policies
+
+    real = getattr(policies.eval_act_fn, "unwrapped", policies.eval_act_fn)  # wrap once, log to this `log`
+
+    def eval_act_fn(policy, deterministic=True, generator=None):
+        act = real(policy, deterministic, generator)
+
+        def logged(obs, keys=None):
+            out = act(obs, keys)
+            log.setdefault(("image", policy.kind), set()).add(tuple(obs["image"].shape[1:]))
+            log.setdefault(("calls", policy.kind), []).append(len(keys))
+            for k, chunk in zip(keys, out):  # first: a short batch's spare copies come last (held, unlogged)
+                log.setdefault((policy.kind, k), chunk)
+            return out
+        return logged
+
+    eval_act_fn.unwrapped = real
+    monkeypatch.setattr(policies, "eval_act_fn", eval_act_fn)
+
+
+@pytest.mark.e2e
+def test_proxy_default_is_noise_free_and_replays_for_any_num_envs(tiny_ckpts, tmp_path, monkeypatch, capsys):
+    """By default every episode is evaluated with the noise-free protocol (and says so), once even
+    when more repeats are asked; a second run and a run on 2 sub-envs instead of 1 give the same
+    episodes and the same action chunk at every decision."""
+    import functools
+
+    import envs
+
+    # 2 sub-envs in this process: what is tested is the batch, not the worker processes (seconds to start)
+    monkeypatch.setattr(envs, "make_env", functools.partial(envs.make_env, num_workers=0))
+    runs = {}
+    for run, num_envs in (("a", 1), ("b", 1), ("c", 2)):
+        log = {}
+        logging_act_fns(monkeypatch, log)
+        table = eval_real.proxy(eval_real.ProxyArgs(
+            checkpoint=[str(tiny_ckpts["pi05"]), str(tiny_ckpts["openvla"])], task=["open_drawer"], episodes=3,
+            repeats=2, num_envs=num_envs, image_size=64, max_episode_steps=6, videos=0, name=run,
+            out_dir=str(tmp_path)))
+        runs[run] = (eval_real.load_records(tmp_path / f"{run}.episodes.jsonl"), log, table)
+    assert "note: the noise-free protocol's repeats are identical: running 1, not 2" in capsys.readouterr().out
+
+    records, log, table = runs["a"]
+    assert len(records) == 2 * 3  # checkpoints x episodes, one repeat
+    for r in records:
+        assert r["deterministic"] is True and r["repeat"] == 0 and r["sampling_seed"] is None
+        assert (r["image_size"], r["domain"]) == (64, "proxy_real")
+    pi05 = [r for r in records if r["method"] == "tiny_pi05"]
+    vla = [r for r in records if r["method"] == "tiny_openvla"]
+    assert [r["seed"] for r in pi05] == [r["seed"] for r in vla] == envs.eval_seeds(3)
+    assert {r["protocol"] for r in pi05} == {"noise-free flow ODE, K=4 Euler steps, fresh x0 per decision; "
+                                             "chunk 4, 4 executed"}
+    assert {r["protocol"] for r in vla} == {"greedy action tokens; chunk 1, 1 executed"}
+    assert {(r["method"], r["exec_horizon"]) for r in records} == {("tiny_pi05", 4), ("tiny_openvla", 1)}
+    assert table["protocol"] == {pi05[0]["protocol"]: ["tiny_pi05"], vla[0]["protocol"]: ["tiny_openvla"]}
+    md = (tmp_path / "a.md").read_text()
+    assert f"Protocol of tiny_pi05: {pi05[0]['protocol']}." in md
+    assert f"Protocol of tiny_openvla: {vla[0]['protocol']}." in md
+
+    def outcomes(recs):
+        return [(r["method"], r["seed"], r["success"], r["steps"], r["protocol"]) for r in recs]
+
+    chunks = [k for k in log if k[0] in ("pi05", "openvla")]  # every decision of every episode
+    assert len(chunks) == sum(-(-r["steps"] // 4) for r in pi05) + sum(r["steps"] for r in vla)
+    for other in ("b", "c"):
+        assert outcomes(runs[other][0]) == outcomes(records), other
+        assert runs[other][2]["rows"] == table["rows"]
+        for k in chunks:  # run c batches 2 sub-envs: the same actions up to float rounding
+            np.testing.assert_allclose(runs[other][1][k], log[k], rtol=0, atol=1e-5 if other == "c" else 0)
+    assert max(runs["c"][1][("calls", "pi05")]) == 2 and max(log[("calls", "pi05")]) == 1
+
+
+@pytest.mark.e2e
+def test_proxy_takes_image_size_and_exec_horizon_from_the_checkpoint(tiny_ckpts, tmp_path, monkeypatch):
+    """Without --image-size the camera takes the checkpoint's camera_image_size (128 when it has
+    none; one env per resolution); each decision executes the checkpoint's exec_horizon actions."""
+    import envs
+    import policies
+
+    policy = policies.load_policy(tiny_ckpts["pi05"])
+    policy.config["camera_image_size"], policy.config["exec_horizon"] = 32, 2
+    own = tmp_path / "own_pi05" / "checkpoints" / "final"
+    policy.save(own)
+    log, horizons = {}, []
+    logging_act_fns(monkeypatch, log)
+    real = envs.evaluate_success
+
+    def evaluate_success(env, act_fn, seeds, exec_horizon=None, **kw):
+        horizons.append((env.image_size, exec_horizon))
+        return real(env, act_fn, seeds, exec_horizon, **kw)
+
+    monkeypatch.setattr(envs, "evaluate_success", evaluate_success)
+    eval_real.proxy(eval_real.ProxyArgs(checkpoint=[str(own), str(tiny_ckpts["pi05"])], task=["open_drawer"],
+                                        episodes=1, num_envs=1, max_episode_steps=6, videos=0, name="t",
+                                        out_dir=str(tmp_path)))
+    assert horizons == [(32, 2), (128, 4)]
+    assert log[("image", "pi05")] == {(32, 32, 3), (128, 128, 3)}
+    own_rec, plain_rec = eval_real.load_records(tmp_path / "t.episodes.jsonl")
+    assert (own_rec["image_size"], own_rec["exec_horizon"]) == (32, 2)
+    assert own_rec["protocol"].endswith("chunk 4, 2 executed")
+    assert (plain_rec["image_size"], plain_rec["exec_horizon"]) == (128, 4)
+    assert plain_rec["protocol"].endswith("chunk 4, 4 executed")
+    # act calls, one per decision: 2 actions executed per chunk of 4, then 4 per chunk
+    decisions = log[("calls", "pi05")]
+    assert len(decisions) == -(-own_rec["steps"] // 2) + -(-plain_rec["steps"] // 4)
+    assert own_rec["steps"] == 6 or own_rec["success"]
+    # an explicit --image-size wins over the checkpoint's
+    assert eval_real.camera_size(policy, 48) == 48 and eval_real.camera_size(policy, None) == 32
 
 
 def test_proxy_rejects_bad_arguments_before_running(tiny_ckpts, tmp_path):

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import demos
 import policies
@@ -94,11 +96,131 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 
 def test_augmentation_keeps_format_changes_pixels_and_is_seeded():
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    out1 = stage1.augment_images(images, torch.Generator().manual_seed(0))
-    out2 = stage1.augment_images(images, torch.Generator().manual_seed(0))
+    out1 = demos.augment_images(images, torch.Generator().manual_seed(0))
+    out2 = demos.augment_images(images, torch.Generator().manual_seed(0))
     assert out1.shape == images.shape and out1.dtype == torch.uint8
     assert torch.equal(out1, out2)
     assert not torch.equal(out1, images)
+
+
+# ---- in-process runs on small random datasets (no simulator) -----------------------------------
+
+def random_dataset(path, seed, action_scale=1.0):
+    rng = np.random.default_rng(seed)
+    writer = demos.LeRobotWriter(path, fps=10, image_shape=(64, 64, 3), use_videos=False)
+    for _ in range(2):
+        writer.add_episode(rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8),
+                           rng.uniform(-1, 1, (12, 8)).astype(np.float32),
+                           (action_scale * rng.uniform(-1, 1, (12, 7))).astype(np.float32), "open the drawer")
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_data(tmp_path_factory):
+    """sim actions in [-1, 1], real actions in [-5, 5]"""
+    root = tmp_path_factory.mktemp("random_data")
+    return {"sim": random_dataset(root / "sim", 0), "real": random_dataset(root / "real", 1, action_scale=5.0)}
+
+
+def quick_args(tmp_path, data, *extra, real=True):
+    return tyro.cli(stage1.Args, args=[
+        "--sim-data", str(data["sim"]), *(["--real-data", str(data["real"])] if real else []),
+        "--runs-dir", str(tmp_path), "--device", "cpu", "--eval-domains", "--no-save-video",
+        "--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--warmup-steps", "0", *extra])
+
+
+def test_alpha_1_statistics_cover_the_real_data_and_config_records_camera_size(tmp_path, random_data, capsys,
+                                                                                monkeypatch):
+    args = quick_args(tmp_path, random_data, "--alpha", "1", "--total-steps", "1", "--run-name", "a1")
+    stage1.main(args)
+    run_dir = tmp_path / "a1"
+    config = policies.load_policy(run_dir / "checkpoints" / "final").config
+    real = demos.LeRobotDataset(random_data["real"]).stats["action"]
+    sim = demos.LeRobotDataset(random_data["sim"]).stats["action"]
+    stats = config["norm_stats"]["action"]
+    assert np.all(np.asarray(stats["q99"]) >= np.asarray(real["q99"]))
+    assert np.all(np.asarray(stats["q01"]) <= np.asarray(real["q01"]))
+    assert max(stats["q99"]) > 3  # the real range, not sim's [-1, 1]
+    np.testing.assert_allclose(stats["mean"], sim["mean"])  # pooled with weights alpha, 1 - alpha
+    assert config["camera_image_size"] == 64 and "exec_horizon" not in config
+    # the resolved args, printed at start and written to args.json
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("args: ")]
+    assert len(printed) == 1
+    assert json.loads(printed[0].removeprefix("args: ")) == json.loads((run_dir / "args.json").read_text())
+    assert json.loads((run_dir / "args.json").read_text())["chunk_size"] == 4
+
+    # alpha = 1 without --real-data and no default real dataset: sim only, with a note
+    monkeypatch.chdir(tmp_path)
+    stage1.main(quick_args(tmp_path, random_data, "--alpha", "1", "--total-steps", "1", "--run-name", "a1_sim",
+                           real=False))
+    assert "note: no real dataset at data/open_drawer/proxy_real" in capsys.readouterr().out
+    config = policies.load_policy(tmp_path / "a1_sim" / "checkpoints" / "final").config
+    assert max(config["norm_stats"]["action"]["q99"]) <= 1
+    # an explicitly passed --real-data that is missing is an error, whatever alpha is
+    with pytest.raises(SystemExit) as e:
+        stage1.main(quick_args(tmp_path, {**random_data, "real": tmp_path / "nope"}, "--alpha", "1",
+                               "--run-name", "a1_missing"))
+    assert e.value.code == 2 and "real dataset not found" in capsys.readouterr().err
+
+
+def test_sigterm_finishes_the_step_saves_and_resume_continues_exactly(tmp_path, random_data, monkeypatch):
+    common = ["--policy", "pi05", "--alpha", "0.5", "--min-lr-ratio", "1.0", "--total-steps", "6"]
+    stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "straight"))
+
+    lr_at, sent = stage1.lr_at, []
+
+    def lr_and_sigterm(step, args):  # SIGTERM in the middle of the third step
+        if step == 2 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, args)
+
+    def unhandled(signum, frame):  # stands in for the default action (which would end pytest)
+        raise RuntimeError("SIGTERM reached the previous handler")
+
+    monkeypatch.setattr(stage1, "lr_at", lr_and_sigterm)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as e:
+            stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "resumed"))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # handler restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 130
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["3"] and (ckpts / "3" / "trainer_state.pt").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+
+    stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "resumed", "--resume"))
+    a = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "straight")}
+    b = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "resumed")}
+    assert sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
+    pa = policies.load_policy(tmp_path / "straight" / "checkpoints" / "final").state_dict()
+    pb = policies.load_policy(ckpts / "final").state_dict()
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=1e-6, atol=1e-7)
+
+
+def test_policy_overrides_are_typed_by_the_policy_defaults(tmp_path, random_data, capsys):
+    args = quick_args(tmp_path, random_data, "--total-steps", "1", "--run-name", "small",
+                      "--policy-overrides", "patch_size", "8", "vision_depth", "1")
+    stage1.main(args)
+    policy = policies.load_policy(tmp_path / "small" / "checkpoints" / "final")
+    model = policy.config["model"]
+    assert (model["patch_size"], model["vision_depth"]) == (8, 1)
+    assert type(model["patch_size"]) is int and type(model["vision_depth"]) is int
+    assert read_metrics(tmp_path / "small")[0]["step"] == 1
+    assert stage1.parse_overrides("openvla", "tiny", {
+        "value_hidden": "64,32", "gradient_checkpointing": "1", "temperature": "2", "unnorm_key": "bridge_orig",
+        "prompt_end_ids": "[5]"}) == {"value_hidden": (64, 32), "gradient_checkpointing": True,
+                                      "temperature": 2.0, "unnorm_key": "bridge_orig", "prompt_end_ids": [5]}
+    for bad, message in (({"patch_size": "8.5"}, "expected a int"), ({"nope": "1"}, "has no option 'nope'"),
+                         ({"gradient_checkpointing": "maybe"}, "expected a bool")):
+        with pytest.raises(SystemExit) as e:
+            stage1.parse_overrides("pi05", "tiny", bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # ---- short runs on a small collected dataset (tests/conftest.py makes it) -----------------------

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demos  # noqa: E402
+import envs  # noqa: E402
 import policies  # noqa: E402
 import stage2_rl_cotrain as stage2  # noqa: E402
 
@@ -43,8 +44,8 @@ SMALL = {"pi05": dict(image_size=16, vlm_depth=1, sigma_min=0.3, sigma_max=0.6),
 # ---------------------------------------------------------------------------------------------
 class BanditEnv:
     """Every episode is one step: reward = mean of the 7 action values (clipped to [-1, 1]),
-    success when above 0.5, terminated at once and reset (auto_reset); the observation never
-    changes."""
+    success when above 0.5, terminated at once; the observation never changes. The Stage II
+    rollout resets it at the chunk boundary (envs.TwinVecEnv's contract without auto-reset)."""
 
     action_dim, state_dim, control_freq, max_episode_steps = 7, 8, 10, 1
 
@@ -57,8 +58,11 @@ class BanditEnv:
         return {"image": np.full((B, S, S, 3), 100, np.uint8) if render else None,
                 "state": np.zeros((B, 8), np.float32), "instruction": [INSTRUCTION] * B}
 
-    def reset(self, seed=None):
+    def reset(self, seed=None, rows=None):
         return self._obs(), {}
+
+    def dense_reward(self):
+        return np.zeros(self.num_envs, np.float32)
 
     def step(self, action, render=True):
         action = np.asarray(action, np.float32)
@@ -66,8 +70,7 @@ class BanditEnv:
         reward = np.clip(action, -1, 1).mean(1).astype(np.float32)
         success = reward > 0.5
         done = np.ones(self.num_envs, bool)
-        info = {"success": success, "final_obs": self._obs(), "final_success": success}
-        return self._obs(render), reward, done, np.zeros(self.num_envs, bool), info
+        return self._obs(render), reward, done, np.zeros(self.num_envs, bool), {"success": success}
 
     def render_frame(self):
         return self._obs()["image"]
@@ -76,27 +79,63 @@ class BanditEnv:
         pass
 
 
-class ThreeStepEnv(BanditEnv):
-    """Episodes of three steps whatever the actions: dense rewards 0.2, 0.5, 1.0, success (and
-    termination) at the third."""
+class ScriptedEnv(BanditEnv):
+    """Sub-envs whose episodes end at different inner steps, whatever the actions: sub-env i
+    succeeds (terminates) at step SUCCESS_AT[i] of its episode or is cut by its own time limit
+    LIMIT[i]. The dense reward (the shaping potential) is 0.1 per elapsed step, capped at 0.9;
+    state[0] = elapsed steps, state[1] = the sub-env's index (so values differ per state)."""
 
-    max_episode_steps = 10
+    SUCCESS_AT, LIMIT = (2, 99, 7), (99, 5, 99)
+    max_episode_steps = 8
+
+    def __init__(self, num_envs=3, image_size=IMAGE, domain="sim"):
+        super().__init__(num_envs, image_size, domain)
+        self.elapsed = np.zeros(num_envs, int)
+
+    def _obs(self, render=True):
+        obs = super()._obs(render)
+        obs["state"][:, 0], obs["state"][:, 1] = self.elapsed, np.arange(self.num_envs)
+        return obs
+
+    def reset(self, seed=None, rows=None):
+        self.elapsed[np.arange(self.num_envs) if rows is None else rows] = 0
+        return self._obs(), {}
+
+    def dense_reward(self):
+        return np.minimum(0.1 * self.elapsed, 0.9).astype(np.float32)
+
+    def step(self, action, render=True):
+        self.elapsed += 1
+        success = self.elapsed == np.array(self.SUCCESS_AT)
+        truncated = (self.elapsed >= np.array(self.LIMIT)) & ~success
+        reward = np.where(success, 1.0, self.dense_reward()).astype(np.float32)
+        return self._obs(render), reward, success, truncated, {"success": success}
+
+
+class CoinEnv(BanditEnv):
+    """Episodes whose outcome is fixed by their seed: half succeed at a step in 1..8, the others
+    run into the 20-step time limit. Actions do not matter. Counting every episode that ends
+    inside a rollout would over-count the quick successes."""
+
+    max_episode_steps = 20
 
     def __init__(self, num_envs, image_size=IMAGE, domain="sim"):
         super().__init__(num_envs, image_size, domain)
-        self.t = np.zeros(num_envs, int)
+        self.elapsed, self.success_at = np.zeros(num_envs, int), np.zeros(num_envs, int)
 
-    def reset(self, seed=None):
-        self.t[:] = 0
+    def reset(self, seed=None, rows=None):
+        rows = np.arange(self.num_envs) if rows is None else np.asarray(rows)
+        for r, s in zip(rows, seed):
+            rng = np.random.default_rng(int(s))
+            self.success_at[r] = rng.integers(1, 9) if rng.random() < 0.5 else 999
+            self.elapsed[r] = 0
         return self._obs(), {}
 
     def step(self, action, render=True):
-        self.t += 1
-        reward = np.choose(self.t - 1, [0.2, 0.5, 1.0]).astype(np.float32)
-        done = self.t == 3
-        self.t[done] = 0
-        info = {"success": done.copy(), "final_obs": self._obs(), "final_success": done.copy()}
-        return self._obs(render), reward, done, np.zeros(self.num_envs, bool), info
+        self.elapsed += 1
+        success = self.elapsed == self.success_at
+        truncated = (self.elapsed >= self.max_episode_steps) & ~success
+        return self._obs(render), success.astype(np.float32), success, truncated, {"success": success}
 
 
 def use_bandit(monkeypatch):
@@ -147,7 +186,7 @@ def files(tmp_path_factory):
 def bandit_args(files, tmp_path, kind, iterations, **kw) -> "stage2.Args":
     """Args of a bandit run: num_envs x num_steps one-step episodes per iteration."""
     num_envs, num_steps = kw.pop("num_envs", 8), kw.pop("num_steps", 4)
-    base = dict(task="open_drawer", init=str(files[kind]), real_data=str(files["real"]), beta=0.1,
+    base = dict(task="open_drawer", init=str(files[kind]), real_data=str(files["real"]), beta=0.1, reward="dense",
                 num_envs=num_envs, num_steps=num_steps, total_env_steps=iterations * num_envs * num_steps,
                 update_epochs=2, num_minibatches=2, critic_warmup_iters=0, target_kl=0.0, eval_every=0,
                 eval_episodes=4, eval_num_envs=4, save_video=False, runs_dir=str(tmp_path / "runs"),
@@ -236,121 +275,6 @@ def test_gae_with_lambda_one_is_the_per_step_discounted_return():
 
 
 # ---------------------------------------------------------------------------------------------
-# PPO's terms
-# ---------------------------------------------------------------------------------------------
-def test_ppo_losses_hand_worked():
-    ratio = torch.tensor([1.5, 0.5, 1.1, 0.7])
-    new_lp = torch.log(ratio).requires_grad_()
-    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    old_v = torch.zeros(4)
-    new_v = torch.tensor([0.5, -0.1, 0.3, 2.0])
-    ret = torch.tensor([1.0, 0.0, -1.0, 0.0])
-    ent = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    t = stage2.ppo_losses(new_lp, torch.zeros(4), adv, new_v, old_v, ret, ent, clip_coef=0.2,
-                          clip_vloss=True, vf_clip_coef=0.2, huber_delta=0.0)
-    # per sample max(-A r, -A clip(r, 0.8, 1.2)): -1.2 (clipped), -0.5, 1.1, 0.8 (clipped)
-    assert t["pg_loss"].item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4, abs=1e-6)
-    assert t["clipfrac"].item() == pytest.approx(0.75)  # |r - 1| > 0.2 for 1.5, 0.5, 0.7
-    assert t["approx_kl"].item() == pytest.approx(float(((ratio - 1) - ratio.log()).mean()), abs=1e-7)
-    assert t["entropy"].item() == pytest.approx(0.25)
-    # value, clipped to old +- 0.2: max(0.5 (v - R)^2, 0.5 (v_clip - R)^2) per sample
-    #   0.5: max(0.125, 0.5 * 0.8^2 = 0.32); -0.1: 0.005; 0.3: max(0.845, 0.72); 2.0: max(2.0, 0.02)
-    assert t["v_loss"].item() == pytest.approx((0.32 + 0.005 + 0.845 + 2.0) / 4, abs=1e-6)
-    # the clipped samples give no gradient; the others -A r / N
-    t["pg_loss"].backward()
-    torch.testing.assert_close(new_lp.grad, torch.tensor([0.0, -0.5, 1.1, 0.0]) / 4)
-
-    huber = stage2.ppo_losses(torch.log(ratio), torch.zeros(4), adv, new_v, old_v, ret, ent, huber_delta=1.0)
-    # Huber(1): 0.5 x^2 for |x| <= 1, |x| - 0.5 beyond: 0.32, 0.005, max(0.8, 0.7), max(1.5, 0.02)
-    assert huber["v_loss"].item() == pytest.approx((0.32 + 0.005 + 0.8 + 1.5) / 4, abs=1e-6)
-    unclipped = stage2.ppo_losses(torch.log(ratio), torch.zeros(4), adv, new_v, old_v, ret, ent, clip_vloss=False)
-    assert unclipped["v_loss"].item() == pytest.approx((0.125 + 0.005 + 0.845 + 2.0) / 4, abs=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Eq. 5 and beta, on real policies
-# ---------------------------------------------------------------------------------------------
-def rollout_minibatch(policy, n=6, seed=0):
-    torch.manual_seed(seed)
-    env = BanditEnv(n)
-    obs, _ = env.reset()
-    out = policy.act(obs)
-    g = torch.Generator().manual_seed(seed)
-    return {"obs": obs, "act_out": out,
-            "logprob": out["logprob"] + 0.3 * torch.randn(n, generator=g),  # an older policy: ratios != 1
-            "values": out["value"] + 0.1 * torch.randn(n, generator=g),
-            "advantages": torch.randn(n, generator=g), "returns": torch.randn(n, generator=g)}
-
-
-def real_batch(path, policy, n=4, seed=0):
-    ds = demos.LeRobotDataset(path, chunk_size=policy.chunk_size)
-    idx = np.random.default_rng(seed).integers(0, len(ds), n)
-    return demos.collate([ds[int(i)] for i in idx])
-
-
-def loss_args(beta):
-    return stage2.Args(beta=beta, ent_coef=0.01, vf_coef=0.5, huber_delta=0.0, clip_coef=0.2, clip_vloss=True,
-                       vf_clip_coef=0.2)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_total_loss_is_pg_plus_value_minus_entropy_plus_beta_sft(files, kind):
-    policy = policies.load_policy(files[kind]).eval()
-    mb, real = rollout_minibatch(policy), real_batch(files["real"], policy)
-    args = loss_args(0.7)
-    torch.manual_seed(11)
-    terms = stage2.minibatch_loss(stage2.Stage2Forward(policy), mb, real, args)
-    # the same terms computed here, independently (same RNG for the SFT loss's noise)
-    torch.manual_seed(11)
-    new = policy.evaluate(mb["obs"], mb["act_out"])
-    sft = policy.sft_loss(real)
-    ratio = torch.exp(new["logprob"] - mb["logprob"])
-    A = mb["advantages"]
-    pg = torch.mean(torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2)))
-    v_clip = mb["values"] + (new["value"] - mb["values"]).clamp(-0.2, 0.2)
-    v = torch.mean(0.5 * torch.maximum((new["value"] - mb["returns"]) ** 2, (v_clip - mb["returns"]) ** 2))
-    expected = pg + 0.5 * v - 0.01 * new["entropy"].mean() + 0.7 * sft
-    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
-    assert terms["sft_loss"].item() == pytest.approx(sft.item(), rel=1e-5)
-    assert terms["loss"].item() == pytest.approx(
-        (terms["ppo_loss"] + 0.7 * terms["sft_loss"]).item(), rel=1e-6, abs=1e-7)
-    assert abs(sft.item()) > 1e-3 and abs(pg.item()) > 1e-4  # both terms really take part
-
-
-def grads(policy, loss):
-    policy.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            for n, p in policy.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_beta_zero_real_batch_gives_no_gradient(files, kind):
-    policy = policies.load_policy(files[kind]).eval()
-    model = stage2.Stage2Forward(policy)
-    mb = rollout_minibatch(policy)
-    real_a, real_b = real_batch(files["real"], policy, seed=0), real_batch(files["other_real"], policy, seed=1)
-
-    def run(beta, real, which="loss"):
-        torch.manual_seed(0)
-        return grads(policy, stage2.minibatch_loss(model, mb, real, loss_args(beta))[which])
-
-    g_a, g_b, g_rl = run(0.0, real_a), run(0.0, real_b), run(0.0, real_a, "ppo_loss")
-    for name in g_a:
-        assert torch.equal(g_a[name], g_b[name]), name      # the real batch does not matter at all
-        assert torch.equal(g_a[name], g_rl[name]), name     # the total is the RL loss alone
-    torch.manual_seed(0)
-    assert not stage2.minibatch_loss(model, mb, real_a, loss_args(0.0))["sft_loss"].requires_grad
-    # beta > 0: the real batch moves the actor (and by exactly beta times its SFT gradient)
-    h_a, h_b = run(0.5, real_a), run(0.5, real_b)
-    torch.manual_seed(0)
-    g_sft = grads(policy, stage2.minibatch_loss(model, mb, real_a, loss_args(0.5))["sft_loss"])
-    assert any(not torch.allclose(h_a[n], h_b[n]) for n in h_a)
-    for name in h_a:
-        torch.testing.assert_close(h_a[name], g_rl[name] + 0.5 * g_sft[name], rtol=1e-4, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
 # Whole runs on the bandit
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
@@ -408,21 +332,6 @@ def test_critic_warmup_trains_only_the_value_head_and_target_kl_stops_the_update
     stage2.main(stopped)
     # the first minibatch has KL 0 (ratio 1); the second one's KL exceeds the target: stop there
     assert train_rows(read_metrics(stopped))[0]["losses/minibatches"] == 2
-
-
-@pytest.mark.parametrize("reward", ["dense_delta", "dense"])
-def test_chunk_reward_is_discounted_and_stops_where_the_episode_ends(files, tmp_path, monkeypatch, reward):
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ThreeStepEnv(args.num_envs, size))
-    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: ThreeStepEnv(args.eval_num_envs, size))
-    # pi05 executes chunks of 4; the episode ends (success) after 3 steps: one decision of 3 steps
-    args = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=2, num_steps=1, reward=reward,
-                       gamma=0.9, num_minibatches=1, update_epochs=1, eval_episodes=0)
-    stage2.main(args)
-    row = train_rows(read_metrics(args))[0]
-    paid = [0.2, 0.3, 0.5] if reward == "dense_delta" else [0.2, 0.5, 1.0]  # differences of 0.2, 0.5, 1.0
-    assert row["charts/decision_reward"] == pytest.approx(paid[0] + 0.9 * paid[1] + 0.81 * paid[2], abs=1e-6)
-    assert row["global_step"] == 6 and row["charts/episode_length"] == 3
-    assert row["charts/episode_return"] == pytest.approx(1.7) and row["charts/episode_success"] == 1.0
 
 
 @pytest.mark.parametrize("kind", ["pi05"])
@@ -519,7 +428,163 @@ def test_torchrun_two_processes(files, tmp_path):
     assert (runs / "ddp/checkpoints/final/model.safetensors").exists()
     assert (runs / "ddp/checkpoints/2/trainer_state.pt").exists()
     state = torch.load(runs / "ddp/checkpoints/2/trainer_state.pt", weights_only=False)
-    assert len(state["torch_rng"]) == 2  # both processes' RNG, for an exact resume
+    assert len(state["rng"]) == 2  # both processes' RNG, for an exact resume
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout: each env's chunk its own, by hand
+# ---------------------------------------------------------------------------------------------
+def test_rollout_by_hand_envs_end_at_different_inner_steps(files):
+    policy = policies.load_policy(files["pi05"]).eval()  # chunk 4, all executed
+    env = ScriptedEnv(3)
+    args = stage2.Args(reward="shaped", gamma=0.9, success_reward=1.0)
+    torch.manual_seed(0)
+    buf = stage2.rollout(policy, env, num_steps=2, exec_horizon=4, args=args, first_seed=0)
+    # sub-env 0 succeeds at its 2nd step (twice: it resets at the boundary), 1 is cut by its time
+    # limit at step 5, 2 succeeds at step 7. Shaped reward gamma phi(s') - phi(s) (+1, phi = 0 at
+    # success), phi = 0.1 per step: decision 0 pays env 0: 0.09 + 0.9 * (1 - 0.1); envs 1, 2:
+    # 0.09 + 0.9 * 0.08 + 0.81 * 0.07 + 0.729 * 0.06. Decision 1: env 0 as before; env 1: 0.45 - 0.4;
+    # env 2: 0.05 + 0.9 * 0.04 + 0.81 * (1 - 0.6).
+    expected_rewards = [[0.9, 0.26244, 0.26244], [0.9, 0.05, 0.41]]
+    torch.testing.assert_close(buf["rewards"], torch.tensor(expected_rewards), atol=1e-5, rtol=0)
+    torch.testing.assert_close(buf["discounts"], torch.tensor([[0.81, 0.6561, 0.6561], [0.81, 0.9, 0.729]]))
+    assert buf["dones"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    # executed chunk steps: the rest of an ended env's chunk idles and is masked
+    assert buf["step_mask"].tolist() == [[[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]],
+                                         [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]]
+    # only the time-limit cut bootstraps, from V(the observation it was cut at: 5 steps, env 1)
+    cut_obs = {"image": np.full((1, IMAGE, IMAGE, 3), 100, np.uint8),
+               "state": np.array([[5, 1, 0, 0, 0, 0, 0, 0]], np.float32), "instruction": [INSTRUCTION]}
+    v_cut = policy.act(cut_obs, deterministic=True)["value"].item()
+    assert buf["bootstrap"][1, 1].item() == pytest.approx(v_cut, abs=1e-5) and v_cut != 0
+    assert buf["bootstrap"].abs().sum().item() == pytest.approx(abs(v_cut), abs=1e-5)
+    # the next decision's observation of a reset env is its new episode's first one
+    assert [o["state"][0, 0] for o in buf["obs"]] == [0, 0] and buf["obs"][1]["state"][1, 0] == 4
+    assert buf["live_steps"] == 2 + 4 + 4 + 2 + 1 + 3
+    first = [(e["success"], e["length"]) for e in buf["episodes"] if e["first"]]
+    assert sorted(first) == [(False, 5), (True, 2), (True, 7)]
+    assert [(e["success"], e["length"]) for e in buf["episodes"] if not e["first"]] == [(True, 2)]
+
+
+def test_truncation_bootstrap_reaches_the_advantages_in_a_run(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ScriptedEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: BanditEnv(args.eval_num_envs, size))
+    seen = []
+    real_gae = stage2.compute_gae
+
+    def spy(*a):
+        seen.append([x.clone() for x in a[:6]] + [a[6]])
+        return real_gae(*a)
+
+    monkeypatch.setattr(stage2, "compute_gae", spy)
+    args = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=3, num_steps=2, reward="shaped",
+                       gamma=0.9, eval_episodes=0)
+    args.total_env_steps = 16
+    stage2.main(args)
+    rewards, values, last_value, dones, bootstrap, discounts, lam = seen[0]
+    assert bootstrap[1, 1] != 0 and bootstrap.count_nonzero() == 1
+    adv, _ = real_gae(rewards, values, last_value, dones, bootstrap, discounts, lam)
+    adv0, _ = real_gae(rewards, values, last_value, dones, torch.zeros_like(bootstrap), discounts, lam)
+    # decision 1 of env 1: delta = r + gamma^1 V(cut) - V, and it flows back to decision 0
+    assert (adv - adv0)[1, 1].item() == pytest.approx(0.9 * bootstrap[1, 1].item(), abs=1e-5)
+    assert (adv - adv0)[0, 1].item() == pytest.approx(0.6561 * 0.95 * 0.9 * bootstrap[1, 1].item(), abs=1e-5)
+    row = train_rows(read_metrics(args))[0]
+    assert row["global_step"] == 16 and row["charts/episodes"] == 4
+    assert row["charts/episode_success"] == pytest.approx(2 / 3)  # first episodes only
+
+
+def test_logged_rollout_success_agrees_with_an_evaluation_on_the_same_seeds(files):
+    policy = policies.load_policy(files["pi05"]).eval()
+    env = CoinEnv(64)
+    args = stage2.Args(reward="sparse")
+    T = -(-CoinEnv.max_episode_steps // policy.chunk_size)  # one episode: 5 decisions of 4 steps
+    buf = stage2.rollout(policy, env, num_steps=T, exec_horizon=4, args=args, first_seed=100)
+    first = [e["success"] for e in buf["episodes"] if e["first"]]
+    assert len(first) == 64  # every env's first episode ends within the rollout
+    records, _ = envs.evaluate_success(CoinEnv(8), policies.eval_act_fn(policy), list(range(100, 164)), 4)
+    assert np.mean(first) == np.mean([r["success"] for r in records])
+    # what counting every episode that ended would have logged: quick successes counted twice
+    every = [e["success"] for e in buf["episodes"]]
+    assert np.mean(every) > np.mean(first) + 0.05
+
+
+def evaluate_with(offset_fn):
+    """Pi05Policy.evaluate with offset_fn(act_out) [B, H] added to its per-step log-probs."""
+    real = policies.Pi05Policy.evaluate
+
+    def evaluate(self, obs, act_out):
+        out = real(self, obs, act_out)
+        step = out["step_logprob"] + offset_fn(act_out)
+        return {**out, "step_logprob": step, "logprob": step.sum(-1)}
+    return evaluate
+
+
+def test_ppo_terms_of_the_update_by_an_independent_computation(files, tmp_path, monkeypatch):
+    """One minibatch, one epoch, ratios made != 1 by known log-prob offsets on the executed chunk
+    step (and huge ones on the never-executed steps, which must not count): the logged clipped
+    surrogate, value loss and entropy equal a computation from the rollout's own buffers."""
+    use_bandit(monkeypatch)  # one-step episodes: chunk step 0 executed, steps 1-3 masked
+    bufs, gae = [], []
+    real_rollout, real_gae = stage2.rollout, stage2.compute_gae
+    monkeypatch.setattr(stage2, "rollout", lambda *a, **k: bufs.append(real_rollout(*a, **k)) or bufs[-1])
+    monkeypatch.setattr(stage2, "compute_gae", lambda *a: gae.append(real_gae(*a)) or gae[-1])
+
+    def offset(act_out):  # +-0.5 on step 0 by the sign of x0, 50 on the unexecuted steps
+        d = torch.full(act_out["chain"].shape[:1] + act_out["chain"].shape[2:3], 50.0)
+        d[:, 0] = 0.5 * torch.sign(act_out["chain"][:, 0, 0, 0])
+        return d
+    monkeypatch.setattr(policies.Pi05Policy, "evaluate", evaluate_with(offset))
+    args = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=8, num_steps=2, update_epochs=1,
+                       num_minibatches=1, beta=0.0, ent_coef=0.01, clip_coef=0.2)
+    stage2.main(args)
+    row = train_rows(read_metrics(args))[0]
+    buf, (adv, ret) = bufs[0], gae[0]
+    chain = torch.cat([a["chain"] for a in buf["act"]])
+    logratio = 0.5 * torch.sign(chain[:, 0, 0, 0])
+    ratio = logratio.exp()
+    A = adv.reshape(-1)
+    A = (A - A.mean()) / (A.std() + 1e-8)
+    pg = torch.max(-A * ratio, -A * ratio.clamp(0.8, 1.2)).mean()
+    values = buf["values"].reshape(-1)
+    v_loss = (0.5 * (values - ret.reshape(-1)) ** 2).mean()  # the value head is unchanged before the step
+    assert row["losses/pg_loss"] == pytest.approx(pg.item(), rel=1e-4, abs=1e-6)
+    assert row["losses/v_loss"] == pytest.approx(v_loss.item(), rel=1e-4, abs=1e-6)
+    assert row["losses/clipfrac"] == pytest.approx(1.0)  # |exp(+-0.5) - 1| > 0.2 everywhere
+    assert row["losses/approx_kl"] == pytest.approx(((ratio - 1) - logratio).mean().item(), rel=1e-4)
+    # entropy: chunk step 0 only (the noise std of the first step's dims), not the mean over 4 steps
+    with torch.no_grad():
+        obs = {k: (np.concatenate([o[k] for o in buf["obs"]]) if k != "instruction"
+                   else [s for o in buf["obs"] for s in o[k]]) for k in ("image", "state", "instruction")}
+        step_entropy = policies.load_policy(files["pi05"]).eval().evaluate(obs, {"chain": chain})["step_entropy"]
+    assert row["losses/entropy"] == pytest.approx(step_entropy[:, 0].mean().item(), rel=1e-4)
+    assert not np.isclose(row["losses/entropy"], step_entropy.mean().item(), rtol=1e-3)
+
+
+def test_beta_reaches_the_gradient_and_beta_zero_runs_no_sft(files, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    use_bandit(monkeypatch)
+
+    def final_weights(beta, real, name):
+        args = bandit_args(files, tmp_path, "pi05", iterations=1, beta=beta, real_data=str(files[real]), run_name=name)
+        stage2.main(args)
+        return load_file(Path(args.runs_dir) / name / "checkpoints/final/model.safetensors"), \
+            train_rows(read_metrics(args))[0]
+
+    real_sft = policies.Pi05Policy.sft_loss
+
+    def no_sft(self, batch, generator=None):
+        raise AssertionError("beta = 0 must not run the real SFT pass")
+    monkeypatch.setattr(policies.Pi05Policy, "sft_loss", no_sft)
+    a0, row0 = final_weights(0.0, "real", "a0")
+    b0, _ = final_weights(0.0, "other_real", "b0")
+    assert all(torch.equal(a0[k], b0[k]) for k in a0)  # the real data does not matter at all
+    assert "losses/grad_norm_actor_sft" not in row0 and row0["losses/grad_norm_actor_ppo"] > 0
+    monkeypatch.setattr(policies.Pi05Policy, "sft_loss", real_sft)
+    a1, row1 = final_weights(0.5, "real", "a1")
+    b1, _ = final_weights(0.5, "other_real", "b1")
+    changed = [k for k in a1 if not torch.equal(a1[k], b1[k])]
+    assert any(k.startswith("action_out_proj.") for k in changed)  # the actor moved, through Eq. 5
+    assert row1["losses/grad_norm_actor_sft"] > 0 and row1["losses/grad_norm_actor_ppo"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,14 +661,14 @@ def test_short_run_on_open_drawer(tiny_data, tmp_path):
            "--real-data", str(tiny_data["proxy_real"]), "--runs-dir", str(runs), "--run-name", "s2",
            "--num-envs", "2", "--max-episode-steps", "8", "--total-env-steps", "32",
            "--update-epochs", "1", "--num-minibatches", "2",
-           "--eval-episodes", "2", "--eval-num-envs", "1", "--bench-env-steps", "4"]
+           "--eval-episodes", "2", "--eval-num-envs", "1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (runs / "s2/metrics.jsonl").read_text().splitlines()]
     merged = {k: v for r in rows for k, v in r.items()}
-    for key in ("perf/raw_env_sps_render_all_steps", "perf/raw_env_sps_render_decision_points",
-                "eval/success_sim", "eval/success_proxy_real", "perf/env_sps", "charts/noise_sigma",
-                "losses/explained_variance", "losses/sft_over_ppo"):
+    for key in ("eval/success_sim", "eval/success_proxy_real", "perf/env_sps", "charts/noise_sigma",
+                "losses/explained_variance", "losses/grad_norm_actor_ppo", "losses/grad_norm_actor_sft",
+                "charts/executed_fraction"):
         assert key in merged, key
     train = train_rows(rows)
     # chunks of 4, 8-step episodes: 2 decisions per rollout, 2 envs -> 16 steps per iteration

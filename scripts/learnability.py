@@ -1,0 +1,111 @@
+"""Can the miniature learn each task at all? A sim-only Stage I policy (alpha = 1) per task, policy
+and seed, evaluated with the noise-free protocol on 50 sim episodes (envs.eval_seeds), appended to
+results/reproduce_cpu/learnability.json (one row per attempt: its settings, per-seed successes, the
+mean, wall times). The criterion of the study: >= 80 % sim success.
+
+    python scripts/learnability.py --tasks open_drawer close_drawer --policy pi05
+    python scripts/learnability.py --tasks pick_and_place --stage1-steps 10000 \
+        --policy-overrides patch_size 8 --attempt patch8_10k
+
+Datasets are made when missing (collect_demos.py: --sim-episodes sim demos and --real-episodes
+proxy_real demos, whose actions also enter the normalization statistics as in every Stage I run).
+A finished run (its checkpoints/final exists) is not trained again, only read.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    tasks: list[str] = field(default_factory=lambda: ["open_drawer", "close_drawer", "push_cube", "pick_and_place"])
+    """tasks to train and evaluate"""
+    policy: str = "pi05"
+    """policy family (tiny size)"""
+    seeds: list[int] = field(default_factory=lambda: [1])
+    """Stage I training seeds"""
+    stage1_steps: int = 3000
+    """Stage I optimizer steps"""
+    batch_size: int = 32
+    """Stage I batch size"""
+    lr: float = 3e-4
+    """Stage I peak learning rate"""
+    policy_overrides: list[str] = field(default_factory=list)
+    """passed on to Stage I's --policy-overrides (key value pairs)"""
+    sim_episodes: int = 100
+    """sim demos"""
+    real_episodes: int = 20
+    """proxy_real demos (normalization statistics only at alpha = 1)"""
+    image_size: int = 64
+    """camera resolution of the demos and of evaluation"""
+    episodes: int = 50
+    """sim evaluation episodes"""
+    attempt: str = "default"
+    """name of this attempt (a run folder suffix and a field of the row)"""
+    data_dir: str = "data"
+    runs_dir: str = "runs/learnability"
+    out: str = "results/reproduce_cpu/learnability.json"
+
+
+def run(cmd: list[str]) -> float:
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
+    return time.time() - t0
+
+
+def main(args: Args):
+    py = sys.executable
+    out = ROOT / args.out
+    rows = json.loads(out.read_text()) if out.exists() else []
+    for task in args.tasks:
+        data = {d: ROOT / args.data_dir / f"{task}_{args.image_size}px" / d for d in ("sim", "proxy_real")}
+        for domain, n in (("sim", args.sim_episodes), ("proxy_real", args.real_episodes)):
+            run([py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
+                 "--out", str(data[domain]), "--image-size", str(args.image_size)])
+        per_seed, walls, protocol = [], [], None
+        for seed in args.seeds:
+            name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
+            final = ROOT / args.runs_dir / name / "checkpoints" / "final"
+            wall = 0.0
+            if not (final / "config.json").exists():
+                resume = ["--resume"] if (ROOT / args.runs_dir / name / "args.json").exists() else []
+                wall = run([py, "stage1_sft_cotrain.py", "--task", task, "--policy", args.policy, "--alpha", "1",
+                            "--sim-data", str(data["sim"]), "--real-data", str(data["proxy_real"]),
+                            "--total-steps", str(args.stage1_steps), "--batch-size", str(args.batch_size),
+                            "--lr", str(args.lr), "--eval-every", "0", "--eval-domains", "sim",
+                            "--eval-episodes", str(args.episodes), "--eval-num-envs", "2", "--no-save-video",
+                            "--seed", str(seed), "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name,
+                            *(["--policy-overrides", *args.policy_overrides] if args.policy_overrides else []),
+                            *resume])
+            extra = json.loads((final / "config.json").read_text())["extra"]
+            per_seed.append(100.0 * extra["eval/success_sim"])
+            walls.append(round(wall, 1))
+            protocol = extra.get("protocol")
+        row = {"task": task, "policy": args.policy, "alpha": 1.0, "stage1_steps": args.stage1_steps,
+               "seeds": list(args.seeds), "episodes": args.episodes,
+               "sim_success_pct": sum(per_seed) / len(per_seed), "per_seed_pct": per_seed,
+               "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
+               "lr": args.lr, "sim_episodes": args.sim_episodes, "image_size": args.image_size,
+               "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
+        rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        print(f"{task} {args.policy} {args.attempt}: sim success {row['sim_success_pct']:.1f} % "
+              f"(per seed {per_seed}), {args.episodes} episodes; written to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

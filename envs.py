@@ -1182,7 +1182,8 @@ class TwinVecEnv:
 
     def __init__(self, task, domain, variant, num_envs, image_size, sim_backend, seed, reward_mode,
                  max_episode_steps, auto_reset, num_workers, gap=None):
-        self.task, self.domain, self.variant, self.gap = task, domain, variant, gap
+        self.task, self.domain, self.variant = task, domain, variant
+        self.gap = (0.0 if domain == "sim" else 1.0) if gap is None else float(gap)  # see make_env
         self.num_envs, self.image_size, self.sim_backend = num_envs, image_size, sim_backend
         self.reward_mode, self.auto_reset = reward_mode, auto_reset
         self.control_freq = CONTROL_FREQ

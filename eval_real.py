@@ -106,6 +106,8 @@ class ProxyArgs:
     """camera resolution (default: the checkpoint's camera_image_size, 128 for checkpoints without one)"""
     max_episode_steps: int | None = None
     """override the task's time limit"""
+    gap: float = 1.0
+    """how far the proxy_real domain is from the sim twin, in [0, 1] (envs.make_env: 0 = the twin, 1 = proxy_real)"""
     device: str | None = None
     """torch device of the policy (default: cuda when available, else cpu)"""
     sim_backend: Literal["cpu", "gpu"] = "cpu"
@@ -136,7 +138,7 @@ def evaluate_setting(env, policy, args: ProxyArgs, seeds: list[int], meta: dict,
 
     records = []
     protocol = {"protocol": policy.protocol(args.deterministic), "deterministic": args.deterministic,
-                "exec_horizon": policy.exec_horizon, "image_size": env.image_size}
+                "exec_horizon": policy.exec_horizon, "image_size": env.image_size, "gap": env.gap}
     for repeat in range(1 if args.deterministic else args.repeats):
         act = policies.eval_act_fn(policy, args.deterministic, make_generator(args.seed + repeat))
         t0 = time.time()
@@ -200,7 +202,8 @@ def proxy(args: ProxyArgs) -> dict:
                         try:
                             task_envs[variant, size] = envs.make_env(
                                 task, domain="proxy_real", variant=variant, num_envs=min(args.num_envs, args.episodes),
-                                image_size=size, sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps)
+                                image_size=size, sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps,
+                                gap=args.gap)
                         except ValueError as e:  # make_env's checks of --image-size etc.
                             raise EvalError(str(e)) from None
                     meta = {"method": method, "checkpoint": path, "task": task, "variant": variant}

@@ -663,6 +663,11 @@ def test_proxy_takes_image_size_and_exec_horizon_from_the_checkpoint(tiny_ckpts,
     decisions = log[("calls", "pi05")]
     assert len(decisions) == -(-own_rec["steps"] // 2) + -(-plain_rec["steps"] // 4)
     assert own_rec["steps"] == 6 or own_rec["success"]
+    assert own_rec["gap"] == plain_rec["gap"] == 1.0  # proxy_real itself, unless --gap says otherwise
+    eval_real.proxy(eval_real.ProxyArgs(checkpoint=[str(own)], task=["open_drawer"], episodes=1, num_envs=1,
+                                        max_episode_steps=2, videos=0, name="g", out_dir=str(tmp_path), gap=0.25))
+    (rec,) = eval_real.load_records(tmp_path / "g.episodes.jsonl")
+    assert rec["gap"] == 0.25
     # an explicit --image-size wins over the checkpoint's
     assert eval_real.camera_size(policy, 48) == 48 and eval_real.camera_size(policy, None) == 32
 

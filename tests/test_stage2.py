@@ -508,6 +508,13 @@ def test_logged_rollout_success_agrees_with_an_evaluation_on_the_same_seeds(file
     assert np.mean(every) > np.mean(first) + 0.05
 
 
+def test_value_error_squared_and_huber_by_hand():
+    x = torch.tensor([0.5, -0.1, 1.3, -2.0])
+    torch.testing.assert_close(stage2.value_error(x, 0.0), 0.5 * x ** 2)
+    # Huber(1): 0.5 x^2 for |x| <= 1, |x| - 0.5 beyond
+    torch.testing.assert_close(stage2.value_error(x, 1.0), torch.tensor([0.125, 0.005, 0.8, 1.5]))
+
+
 def evaluate_with(offset_fn):
     """Pi05Policy.evaluate with offset_fn(act_out) [B, H] added to its per-step log-probs."""
     real = policies.Pi05Policy.evaluate

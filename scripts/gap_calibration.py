@@ -26,15 +26,23 @@ CRITERION = ("the largest gap of the grid at which the sim-only (alpha = 1) poli
 @dataclass
 class Args:
     tasks: list[str] = field(default_factory=lambda: ["open_drawer", "close_drawer", "push_cube", "pick_and_place"])
+    """tasks to calibrate"""
     policy: str = "pi05"
+    """policy family of the sim-only policy"""
     attempt: str = "default"
-    """the learnability attempt whose seed-1 checkpoint is calibrated on"""
+    """the learnability attempt whose first seed's checkpoint is calibrated on"""
     gaps: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """the grid of gaps"""
     episodes: int = 50
+    """proxy_real episodes per gap (envs.eval_seeds)"""
     num_envs: int = 2
+    """parallel envs of each evaluation"""
     runs_dir: str = "runs/learnability"
+    """where scripts/learnability.py put its runs"""
     learnability: str = "results/reproduce_cpu/learnability.json"
+    """scripts/learnability.py's results (the sim success of each policy)"""
     out: str = "results/reproduce_cpu/gap_calibration.json"
+    """the results file"""
 
 
 def proxy_success(ckpt: Path, task: str, gap: float, args: Args) -> float:

@@ -52,8 +52,11 @@ class Args:
     attempt: str = "default"
     """name of this attempt (a run folder suffix and a field of the row)"""
     data_dir: str = "data"
+    """datasets go to <data-dir>/<task>_<image-size>px/{sim,proxy_real}"""
     runs_dir: str = "runs/learnability"
+    """Stage I runs go here, one folder per task, policy, attempt and seed"""
     out: str = "results/reproduce_cpu/learnability.json"
+    """the results file (a row per task, policy and attempt; a rerun replaces its row)"""
 
 
 def run(cmd: list[str]) -> float:

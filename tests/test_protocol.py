@@ -63,7 +63,7 @@ def test_stage1_stage2_and_eval_real_agree_episode_by_episode(tiny_data, tmp_pat
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert [r["seed"] for r in from_stage1["records"]] == envs.eval_seeds(EPISODES)
     # and a different x0 rule would show: the same evaluation sampled differs
-    sampled = eval_real.main(["proxy", "--checkpoint", str(final), "--task", "open_drawer", "--episodes", "1",
-                              "--num-envs", "1", "--max-episode-steps", str(MAX_STEPS), "--videos", "0",
-                              "--no-deterministic", "--out-dir", str(tmp_path / "results"), "--name", "sampled"])
+    eval_real.main(["proxy", "--checkpoint", str(final), "--task", "open_drawer", "--episodes", "1",
+                    "--num-envs", "1", "--max-episode-steps", str(MAX_STEPS), "--videos", "0",
+                    "--no-deterministic", "--out-dir", str(tmp_path / "results"), "--name", "sampled"])
     assert not np.allclose(calls[-1]["actions"][0][1], from_stage1["actions"][0][1])

@@ -69,6 +69,8 @@ class Args:
     """time limit of an attempt (default: the task's)"""
     seed: int = 0
     """seed of the teleoperation variability"""
+    gap: Optional[float] = None
+    """proxy_real only: how far from the sim twin, 0 (the twin) .. 1 (the full proxy_real domain, the default); see envs.make_env"""
 
 
 class TeleopNoise:
@@ -119,6 +121,8 @@ def resolve_defaults(args: Args) -> Args:
         args.first_attempt = 500_000 if real else 0
     if args.num_episodes < 1 or args.num_envs < 1:
         fail("--num-episodes and --num-envs must be >= 1")
+    if args.gap is not None and (not real or not 0.0 <= args.gap <= 1.0):
+        fail(f"--gap {args.gap}: a number in [0, 1], for --domain proxy_real only")
     if args.image_format == "video" and args.image_size % 2:
         fail(f"--image-size {args.image_size}: h264 video needs an even size (or use --image-format image)")
     return args
@@ -130,6 +134,8 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter, int]:
     settings = {k: getattr(args, k) for k in ("task", "domain", "variant", "image_size", "image_format",
                                               "teleop", "teleop_noise", "teleop_speed", "teleop_pause_prob",
                                               "first_attempt", "max_episode_steps", "seed")}
+    if args.gap is not None:  # only when given: datasets made before --gap existed stay continuable
+        settings["gap"] = args.gap
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     provenance = out / PROVENANCE
     if provenance.is_file():
@@ -195,7 +201,7 @@ def main(args: Args):
     try:
         env = envs.make_env(args.task, args.domain, args.variant, num_envs=n, image_size=args.image_size,
                             seed=envs.train_seed(next_attempt), max_episode_steps=args.max_episode_steps,
-                            auto_reset=True)
+                            auto_reset=True, gap=args.gap)
         obs, _ = env.reset()
         instruction = list(obs["instruction"])
         startup_s, start = time.perf_counter() - start, time.perf_counter()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ from typing import Literal, Optional
 
 import tyro
 
-from tables import format_cell, load_records, summarize, to_markdown
+from tables import comparisons_markdown, format_cell, load_records, paired_comparisons, summarize, to_markdown
 
 TASKS = ("pick_and_place", "push_cube", "open_drawer", "close_drawer")  # envs.TASKS (importing envs loads ManiSkill)
 POLICIES = {"openvla": "OpenVLA", "pi05": "pi0.5"}
@@ -49,23 +50,27 @@ COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "
 BETA = 0.1  # Stage II real-SFT weight of RL-Co (Eq. 5) wherever a figure does not sweep it
 FIG5_TASK = "pick_and_place"  # the paper's ablations (sec. V-C) use pick_and_place with pi0.5
 FIG7_TASK = "open_drawer"
+DDOF = 1  # spread over training seeds: the sample std
 
-# Per scale: demo counts, Stage I steps and batch, Stage II env steps (None: the script's preset for
-# tiny policies), evaluation episodes (one noise-free evaluation per run), the sweeps and the seeds.
+# Per scale: demo counts, Stage I steps and batch, Stage II env steps, parallel envs and monitoring
+# (None: the script's preset for tiny policies), evaluation episodes (one noise-free evaluation per
+# run), the sweeps and the training seeds (every run of every experiment is trained once per seed).
+# cpu: the settings under which scripts/learnability.py met its criterion (close_drawer: 300 sim
+# demos, 3000 Stage I steps) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50
+# evaluation episodes on envs.eval_seeds(50), shared by every row.
 SCALES = {
-    "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1000, stage1_batch=32,
-                stage2_env_steps=4000, stage2_num_envs=None, stage2_eval_episodes=None, stage2_eval_num_envs=None,
-                eval_episodes=16, eval_num_envs=4, sim_backend="cpu",
-                alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig5_seeds=(1,), fig7_real=(20, 50, 100)),
+    "cpu": dict(sim_episodes=300, real_episodes=20, stage1_steps=3000, stage1_batch=32,
+                stage2_env_steps=20_000, stage2_num_envs=4, stage2_eval_episodes=50, stage2_eval_num_envs=2,
+                stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
+                alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100)),
     "gpu": dict(sim_episodes=1000, real_episodes=50, stage1_steps=5000, stage1_batch=64,
                 stage2_env_steps=300_000, stage2_num_envs=64, stage2_eval_episodes=32, stage2_eval_num_envs=32,
-                eval_episodes=50, eval_num_envs=50, sim_backend="gpu",
-                alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig5_seeds=(1, 2, 3),
-                fig7_real=(20, 50, 100, 200)),
+                stage2_eval_every=None, eval_episodes=50, eval_num_envs=50, sim_backend="gpu", seeds=(1, 2, 3),
+                alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig7_real=(20, 50, 100, 200)),
     "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=4, stage1_batch=8,
                stage2_env_steps=16, stage2_num_envs=1, stage2_eval_episodes=1, stage2_eval_num_envs=1,
-               eval_episodes=2, eval_num_envs=1, sim_backend="cpu",
-               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig5_seeds=(1, 2), fig7_real=(2, 3)),
+               stage2_eval_every=None, eval_episodes=2, eval_num_envs=1, sim_backend="cpu", seeds=(1, 2),
+               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig7_real=(2, 3)),
 }
 
 
@@ -77,6 +82,10 @@ class Args:
     """experiments to run (and to tabulate/plot), e.g. --only table1 fig7"""
     tasks: tuple[Literal["pick_and_place", "push_cube", "open_drawer", "close_drawer"], ...] = TASKS
     """tasks to run; an experiment whose task is left out is skipped"""
+    policies: tuple[Literal["openvla", "pi05"], ...] = tuple(POLICIES)
+    """policy families of Table I (the other experiments are pi0.5's)"""
+    seeds: Optional[tuple[int, ...]] = None
+    """training seeds: every Stage I and Stage II run is made once per seed (default: the scale's)"""
     dry_run: bool = False
     """print the plan (every command that would run) and run nothing"""
     report_only: bool = False
@@ -84,8 +93,6 @@ class Args:
     <out-dir>/evals (e.g. after running subsets of the study as separate processes)"""
     sim_backend: Optional[Literal["cpu", "gpu"]] = None
     """ManiSkill backend of Stage II and evaluation (default: the scale's, gpu for --scale gpu)"""
-    seed: int = 1
-    """seed of every stage (Fig. 5 adds Stage II seeds)"""
     data_dir: str = "data"
     """datasets go to <data-dir>/<task>/<domain>_<episodes>"""
     runs_dir: Optional[str] = None
@@ -102,26 +109,42 @@ def tag(x: float) -> str:
     return f"{x:g}".replace(".", "p")
 
 
+def calibrated_gaps(out_dir: str | Path) -> dict:
+    """task -> the proxy_real gap chosen by scripts/gap_calibration.py (its "chosen" in
+    <out-dir>/gap_calibration.json); a task without one is evaluated at gap 1, the full proxy_real."""
+    path = Path(out_dir) / "gap_calibration.json"
+    chosen = json.loads(path.read_text()).get("chosen", {}) if path.exists() else {}
+    return {t: float(chosen.get(t, 1.0)) for t in TASKS}
+
+
 def build_plan(args: Args) -> tuple[dict, dict]:
     """(steps, inputs). steps: key -> step dict, in run order (what a step needs comes before it);
-    inputs: experiment -> the list of points it tabulates, each naming the eval or metrics it reads."""
+    inputs: experiment -> the list of points it tabulates, each naming the evals (one per training
+    seed) or metrics it reads."""
     S = SCALES[args.scale]
     py = sys.executable
     data, runs = Path(args.data_dir), Path(args.runs_dir)
     evals = Path(args.out_dir) / "evals"
     backend = args.sim_backend or S["sim_backend"]
+    seeds = args.seeds or S["seeds"]
+    gaps = calibrated_gaps(args.out_dir)
     steps = {}
 
+    def gtag(task):  # run and dataset names carry the gap where it is not the full proxy_real
+        return "" if gaps[task] == 1.0 else f"_gap{tag(gaps[task])}"
+
     def dataset(task, domain, n):
-        out = data / task / f"{domain}_{n}"
+        # the real demos come from the proxy_real domain at the task's gap, as its evaluations do
+        gap = gaps[task] if domain == "proxy_real" else 1.0
+        out = data / task / f"{domain}{gtag(task) if domain == 'proxy_real' else ''}_{n}"
         if str(out) not in steps:
             steps[str(out)] = dict(kind="collect", out=out, n=n, cmd=[
                 py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
-                "--out", str(out), "--image-size", str(IMAGE_SIZE), "--seed", str(args.seed)])
+                "--out", str(out), "--image-size", str(IMAGE_SIZE), *(["--gap", f"{gap:g}"] if gap != 1.0 else [])])
         return out
 
-    def stage1(task, policy, alpha, n_real):
-        name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}_s{args.seed}"
+    def stage1(task, policy, alpha, n_real, seed):
+        name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}{gtag(task)}_s{seed}"
         if name not in steps:
             # both datasets, whatever alpha: the normalization statistics cover every dataset given
             sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))]
@@ -132,79 +155,89 @@ def build_plan(args: Args) -> tuple[dict, dict]:
                 py, "stage1_sft_cotrain.py", "--task", task, "--policy", policy, "--alpha", f"{alpha:g}", *sim, *real,
                 "--total-steps", str(S["stage1_steps"]), "--batch-size", str(S["stage1_batch"]),
                 "--eval-every", str(max(1, S["stage1_steps"] // 4)), "--eval-domains",
-                "--seed", str(args.seed), "--runs-dir", str(runs), "--run-name", name])
+                "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 
     def stage2(task, policy, alpha, beta, n_real, seed):
-        init = stage1(task, policy, alpha, n_real)
+        init = stage1(task, policy, alpha, n_real, seed)
         uses_real = alpha < 1 or beta > 0
-        name = f"s2_{task}_{policy}_a{tag(alpha)}_b{tag(beta)}" + (f"_r{n_real}" if uses_real else "") + f"_s{seed}"
+        name = (f"s2_{task}_{policy}_a{tag(alpha)}_b{tag(beta)}" + (f"_r{n_real}" if uses_real else "")
+                + f"{gtag(task)}_s{seed}")
         if name not in steps:
             # stage2 reads the real dataset even at beta = 0 (its image size); it then adds no gradient
             real = dataset(task, "proxy_real", n_real)
             optional = [(flag, S[key]) for flag, key in (("--num-envs", "stage2_num_envs"),
                                                          ("--eval-episodes", "stage2_eval_episodes"),
-                                                         ("--eval-num-envs", "stage2_eval_num_envs")) if S[key]]
+                                                         ("--eval-num-envs", "stage2_eval_num_envs"),
+                                                         ("--eval-every", "stage2_eval_every")) if S[key]]
             # sim evaluation only: it is Fig. 5's curve; proxy_real is measured by eval_real.py
             steps[name] = dict(kind="stage2", run=runs / name, cmd=[
                 py, "stage2_rl_cotrain.py", "--task", task, "--init", str(runs / init / "checkpoints" / "final"),
                 "--real-data", str(real), "--beta", f"{beta:g}", "--total-env-steps", str(S["stage2_env_steps"]),
                 *[str(x) for pair in optional for x in pair], "--sim-backend", backend, "--eval-domains", "sim",
-                "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
+                "--no-save-video", "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 
     def evaluation(run, task, variant="in_distribution"):
+        """One noise-free proxy_real evaluation of a run's final checkpoint on envs.eval_seeds: the
+        same initial states for every run of the task, at the task's calibrated gap."""
         key = f"{run}__{variant}"
         if key not in steps:
             steps[key] = dict(kind="eval", out=evals / key, checkpoint=runs / run / "checkpoints" / "final", cmd=[
                 py, "eval_real.py", "proxy", "--checkpoint", str(runs / run / "checkpoints" / "final"),
                 "--names", run, "--task", task, "--variant", variant, "--episodes", str(S["eval_episodes"]),
-                "--num-envs", str(S["eval_num_envs"]),
-                "--image-size", str(IMAGE_SIZE), "--sim-backend", backend, "--seed", str(args.seed),
+                "--num-envs", str(S["eval_num_envs"]), "--gap", f"{gaps[task]:g}",
+                "--image-size", str(IMAGE_SIZE), "--sim-backend", backend,
                 "--videos", "1", "--name", key, "--out-dir", str(evals)])
         return key
 
-    n_real, seed = S["real_episodes"], args.seed
+    def per_seed(make_run, task, variant="in_distribution"):
+        """The evaluation keys of one point, one per training seed."""
+        return [evaluation(make_run(s), task, variant) for s in seeds]
+
+    n_real = S["real_episodes"]
 
     def three_paradigms(task, policy, n=n_real, variants=("in_distribution",)):
-        """Table I's three paradigms for one task and policy: method -> {variant: eval key}."""
+        """Table I's three paradigms for one task and policy: method -> {variant: [eval key per seed]}."""
         a = COTRAIN_ALPHA[task]
-        rows = {"Real-only SFT": stage1(task, policy, 0.0, n), "SFT co-train": stage1(task, policy, a, n),
-                "RL-Co": stage2(task, policy, a, BETA, n, seed)}
-        return {m: {v: evaluation(r, task, v) for v in variants} for m, r in rows.items()}
+        rows = {"Real-only SFT": lambda s: stage1(task, policy, 0.0, n, s),
+                "SFT co-train": lambda s: stage1(task, policy, a, n, s),
+                "RL-Co": lambda s: stage2(task, policy, a, BETA, n, s)}
+        return {m: {v: per_seed(r, task, v) for v in variants} for m, r in rows.items()}
 
     inputs = {}
     if "table1" in args.only:
-        inputs["table1"] = [dict(policy=POLICIES[p], method=m, task=t, eval=ev["in_distribution"])
-                            for t in args.tasks for p in POLICIES for m, ev in three_paradigms(t, p).items()]
+        inputs["table1"] = [dict(policy=POLICIES[p], method=m, task=t, evals=ev["in_distribution"])
+                            for t in args.tasks for p in args.policies for m, ev in three_paradigms(t, p).items()]
     if "table2" in args.only and "pick_and_place" in args.tasks:
-        inputs["table2"] = [dict(method=m, variant=v, eval=key) for m, ev in
-                            three_paradigms("pick_and_place", "pi05", variants=VARIANTS).items() for v, key in ev.items()]
+        inputs["table2"] = [dict(method=m, variant=v, evals=keys) for m, ev in
+                            three_paradigms("pick_and_place", "pi05", variants=VARIANTS).items() for v, keys in ev.items()]
     if "fig4" in args.only:
         inputs["fig4"] = []
         for t in [t for t in ("pick_and_place", "open_drawer") if t in args.tasks]:
             a = COTRAIN_ALPHA[t]
             for alpha in sorted(set(S["alphas"]) | {a}):
-                inputs["fig4"].append(dict(task=t, sweep="alpha", x=alpha, eval=evaluation(stage1(t, "pi05", alpha, n_real), t)))
+                inputs["fig4"].append(dict(task=t, sweep="alpha", x=alpha,
+                                           evals=per_seed(lambda s: stage1(t, "pi05", alpha, n_real, s), t)))
             for beta in sorted(set(S["betas"]) | {BETA}):
                 inputs["fig4"].append(dict(task=t, sweep="beta", x=beta, alpha=a,
-                                           eval=evaluation(stage2(t, "pi05", a, beta, n_real, seed), t)))
+                                           evals=per_seed(lambda s: stage2(t, "pi05", a, beta, n_real, s), t)))
     if "fig5" in args.only and FIG5_TASK in args.tasks:
         inputs["fig5"] = [dict(init=label, seed=s, metrics=str(runs / stage2(FIG5_TASK, "pi05", alpha, BETA, n_real, s)
                                                                  / "metrics.jsonl"))
                           for label, alpha in (("Real-only SFT init (alpha=0)", 0.0),
                                                (f"SFT co-train init (alpha={COTRAIN_ALPHA[FIG5_TASK]:g})",
                                                 COTRAIN_ALPHA[FIG5_TASK]))
-                          for s in S["fig5_seeds"]]
+                          for s in seeds]
     if "fig6" in args.only and "pick_and_place" in args.tasks:
         t, a = "pick_and_place", COTRAIN_ALPHA["pick_and_place"]
-        inputs["fig6"] = [dict(setting=label, eval=evaluation(stage2(t, "pi05", alpha, beta, n_real, seed), t))
+        inputs["fig6"] = [dict(setting=label, evals=per_seed(lambda s: stage2(t, "pi05", alpha, beta, n_real, s), t))
                           for label, alpha, beta in (("RL-Co (real data in both stages)", a, BETA),
                                                      ("no real data in Stage II (beta=0)", a, 0.0),
                                                      ("no real data in Stage I (alpha=1)", 1.0, BETA),
                                                      ("no real data in either stage", 1.0, 0.0))]
     if "fig7" in args.only and FIG7_TASK in args.tasks:
-        inputs["fig7"] = [dict(method=m, n_real=n, eval=ev["in_distribution"]) for n in S["fig7_real"]
+        inputs["fig7"] = [dict(method=m, n_real=n, evals=ev["in_distribution"]) for n in S["fig7_real"]
                           for m, ev in three_paradigms(FIG7_TASK, "pi05", n).items()]
     return steps, inputs
 
@@ -297,14 +330,33 @@ def eval_records(evals: Path, key: str, method: str | None = None) -> list[dict]
     return [{**r, "method": method or r["method"]} for r in records] or None
 
 
-def point(evals: Path, key: str) -> dict | None:
-    """success (%) of one evaluation (one run, task and variant; std 0 for a single noise-free evaluation)."""
-    records = eval_records(evals, key)
+def training_seed(key: str) -> int:
+    """The training seed in an evaluation key: runs are named ..._s<seed>, keys <run>__<variant>."""
+    return int(re.search(r"_s(\d+)__", key).group(1))
+
+
+def seed_records(evals: Path, keys: list[str], method: str) -> list[dict] | None:
+    """The records of one point's evaluations, one per training seed, as one method whose
+    "repeat" is the training seed (tables.summarize then gives mean, std and CI over seeds);
+    None until every seed's evaluation has finished."""
+    records = []
+    for key in keys:
+        recs = eval_records(evals, key, method)
+        if recs is None:
+            return None
+        records += [{**r, "repeat": training_seed(key)} for r in recs]
+    return records
+
+
+def point(evals: Path, keys: list[str]) -> dict | None:
+    """success (%) of one point: mean and sample std over training seeds (one noise-free evaluation
+    each, on the same initial states) and the bootstrap CI over seeds and states."""
+    records = seed_records(evals, keys, "point")
     if records is None:
         return None
-    table = summarize(records)
+    table = summarize(records, ddof=DDOF)
     cell = table["rows"][0]["cells"][table["columns"][0]]
-    return {"mean": cell["mean"], "std": cell["std"] or 0.0, "per_repeat": cell["per_repeat"]}
+    return {"mean": cell["mean"], "std": cell["std"] or 0.0, "per_seed": cell["per_repeat"], "ci95": cell.get("ci95")}
 
 
 def series_markdown(head: list[str], rows: list[list]) -> str:
@@ -355,25 +407,39 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
         written[name] = [str(f) for f in files]
         pages.append(markdown + (f"\n![{name}]({name}.png)\n" if fig is not None else ""))
 
-    # Table I: rows = policy x paradigm, columns = tasks (+ Avg), from tables.summarize
+    def gap_note(records):
+        gaps = {r["task"]: r.get("gap") for r in records}
+        return "proxy_real gap per task (scripts/gap_calibration.py): " + ", ".join(f"{t} {g:g}" if g is not None else
+                                                                                  f"{t} ?" for t, g in gaps.items())
+
+    # Table I: rows = policy x paradigm, columns = tasks (+ Avg); mean, std and CI over training seeds,
+    # and paired tests on the shared initial states: RL-Co vs SFT co-train, SFT co-train vs real-only
     if inputs.get("table1"):
-        records = [eval_records(evals, i["eval"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
+        records = [seed_records(evals, i["evals"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
         if all(r is not None for r in records):
-            table = summarize([x for r in records for x in r])
+            records = [x for r in records for x in r]
+            table = summarize(records, ddof=DDOF)
+            policies = dict.fromkeys(i["policy"] for i in inputs["table1"])
+            table["comparisons"] = paired_comparisons(records, [
+                pair for p in policies for pair in ((f"{p}: RL-Co", f"{p}: SFT co-train"),
+                                                    (f"{p}: SFT co-train", f"{p}: Real-only SFT"))])
             alphas = ", ".join(f"{t} {COTRAIN_ALPHA[t]:g}" for t in dict.fromkeys(i["task"] for i in inputs["table1"]))
             md = (f"### Table I: proxy_real success (%) by training paradigm{note}\n\n" + to_markdown(table)
                   + f"\nSFT co-train alpha per task: {alphas}; RL-Co: Stage II from the co-train checkpoint, "
-                    f"beta={BETA:g}.\n")
+                    f"beta={BETA:g}. Columns: repeats are training seeds; {gap_note(records)}.\n\n"
+                  + comparisons_markdown(table["comparisons"]))
             save("table1", table, md)
     # Table II: pick_and_place, pi0.5, columns = variants with the drop from in_distribution
     if inputs.get("table2"):
-        records = [eval_records(evals, i["eval"], i["method"]) for i in inputs["table2"]]
+        records = [seed_records(evals, i["evals"], i["method"]) for i in inputs["table2"]]
         if all(r is not None for r in records):
-            table = summarize([x for r in records for x in r])
-            save("table2", table, f"### Table II: pick_and_place, pi0.5, unseen settings{note}\n\n" + to_markdown(table))
+            records = [x for r in records for x in r]
+            table = summarize(records, ddof=DDOF)
+            save("table2", table, f"### Table II: pick_and_place, pi0.5, unseen settings{note}\n\n" + to_markdown(table)
+                 + f"\nRepeats are training seeds; {gap_note(records)}.\n")
     # Fig. 4: alpha sweep (SFT co-training) and beta sweep (RL-Co at the task's alpha), per task
     if inputs.get("fig4"):
-        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig4"]]
+        pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig4"]]
         tasks = list(dict.fromkeys(i["task"] for i in pts))
         if any(p["mean"] is not None for p in pts):
             fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 3.4 * len(tasks)), squeeze=False)
@@ -422,7 +488,8 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             for k, (init, seeds) in enumerate(curves.items()):
                 common = sorted(set.intersection(*(set(c) for c in seeds.values())))
                 pts = [{"mean": float(np.mean([c[s] for c in seeds.values()])),
-                        "std": float(np.std([c[s] for c in seeds.values()]))} for s in common]
+                        "std": float(np.std([c[s] for c in seeds.values()], ddof=DDOF)) if len(seeds) > DDOF else 0.0}
+                       for s in common]
                 payload[init] = {"seeds": sorted(seeds), "env_steps": common, "points": pts}
                 plot_lines(ax, common, pts, f"{init}, {len(seeds)} seed(s)", style=k)
                 rows += [[init, s, fmt(p)] for s, p in zip(common, pts)]
@@ -434,7 +501,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                  + series_markdown(["init", "env steps", "sim success (%), mean +- std over seeds"], rows), fig)
     # Fig. 6: real supervision removed from Stage I, Stage II or both
     if inputs.get("fig6"):
-        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig6"]]
+        pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig6"]]
         if any(p["mean"] is not None for p in pts):
             have = [p for p in pts if p["mean"] is not None]
             fig, ax = plt.subplots(figsize=(7, 4))
@@ -447,7 +514,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                                    [[p["setting"], fmt(p if p["mean"] is not None else None)] for p in pts]), fig)
     # Fig. 7: success vs number of real demos, for the three paradigms
     if inputs.get("fig7"):
-        pts = [{**i, **(point(evals, i["eval"]) or {"mean": None})} for i in inputs["fig7"]]
+        pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig7"]]
         if any(p["mean"] is not None for p in pts):
             fig, ax = plt.subplots(figsize=(6, 4))
             methods = list(dict.fromkeys(p["method"] for p in pts))
@@ -466,8 +533,9 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             save("fig7", pts, f"### Fig. 7: number of real demos ({FIG7_TASK}, pi0.5){note}\n\n"
                  + series_markdown(["method"] + [f"{n} demos" for n in ns], rows), fig)
     if pages:
-        (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %, one noise-free evaluation "
-                                        "per run (Fig. 5: mean +- std over Stage II seeds).\n\n" + "\n".join(pages))
+        (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %: one noise-free evaluation "
+                                        "per run on the same initial states, mean +- sample std over training "
+                                        "seeds.\n\n" + "\n".join(pages))
     return written
 
 
@@ -482,6 +550,9 @@ def main(args: Args):
           f"{kinds.count('stage1')} Stage I runs, {kinds.count('stage2')} Stage II runs, "
           f"{kinds.count('eval')} evaluations" + (" (dry run: nothing runs)" if args.dry_run else "")
           + (" (report only: nothing runs)" if args.report_only else ""))
+    gaps = calibrated_gaps(args.out_dir)
+    print(f"  training seeds {', '.join(map(str, args.seeds or SCALES[args.scale]['seeds']))}; proxy_real gap per task "
+          f"(from {args.out_dir}/gap_calibration.json, else 1): " + ", ".join(f"{t} {gaps[t]:g}" for t in args.tasks))
     t0 = time.time()
     if not args.report_only:
         for key, step in steps.items():

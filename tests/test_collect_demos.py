@@ -62,6 +62,27 @@ def test_paper_defaults():
         collect_demos.resolve_defaults(collect_demos.Args(task="fold_laundry"))
 
 
+def test_gap_reaches_the_env_and_the_provenance(tmp_path, monkeypatch):
+    # --gap is proxy_real's distance from the twin: refused elsewhere or outside [0, 1]
+    for bad in (dict(domain="sim", gap=0.5), dict(domain="proxy_real", gap=1.5)):
+        with pytest.raises(SystemExit) as exit_info:
+            collect_demos.resolve_defaults(collect_demos.Args(task="open_drawer", **bad))
+        assert exit_info.value.code == 2
+    made_with = {}
+
+    def spy(*args, **kw):  # stop the collection at the env: what it would have been made with is enough
+        made_with.update(kw)
+        raise RuntimeError("spy")
+
+    monkeypatch.setattr(collect_demos.envs, "make_env", spy)
+    out = tmp_path / "real"
+    with pytest.raises(RuntimeError, match="spy"):
+        collect_demos.main(collect_demos.Args(task="open_drawer", domain="proxy_real", gap=0.5, out=str(out),
+                                              num_episodes=1, num_envs=1, image_size=32))
+    assert made_with["gap"] == 0.5
+    assert json.loads((out / collect_demos.PROVENANCE).read_text())["settings"]["gap"] == 0.5
+
+
 def test_refuses_a_folder_holding_something_else(tmp_path, capsys):
     (tmp_path / "paper.pdf").write_text("x")
     with pytest.raises(SystemExit) as exit_info:

@@ -54,54 +54,67 @@ def test_plan_runs_everything_once_and_in_dependency_order(tmp_path, scale):
             assert m not in outputs, f"{m} is made twice"
             outputs[m] = i
     # every table and figure reads what some step makes
+    seeds = reproduce.SCALES[scale]["seeds"]
     for exp, points in inputs.items():
         assert points, exp
         for p in points:
-            assert (p["eval"] if "eval" in p else p["metrics"]) in outputs, (exp, p)
+            if "metrics" in p:
+                assert p["metrics"] in outputs, (exp, p)
+                continue
+            # one evaluation per training seed, of runs trained with that seed
+            assert len(p["evals"]) == len(seeds) and all(k in outputs for k in p["evals"]), (exp, p)
+            assert [reproduce.training_seed(k) for k in p["evals"]] == list(seeds)
+            for k, seed in zip(p["evals"], seeds):
+                run = steps[Path(flag(steps[k]["cmd"], "--checkpoint")).parent.parent.name]
+                assert flag(run["cmd"], "--seed") == str(seed)
     # the hand count of the cpu study (sweeps include the tasks' own alpha and BETA):
     # Table I 4 tasks x 2 policies x (2 Stage I + 1 Stage II); Fig. 4 alphas 0.95 and 1 on
     # pick_and_place, 0.5 and 1 on open_drawer, betas 0 and 1 on both; Fig. 5 the real-only init;
-    # Fig. 6 alpha=1 with beta 0.1 and 0; Fig. 7 two more demo counts x 3 paradigms
+    # Fig. 6 alpha=1 with beta 0.1 and 0; Fig. 7 two more demo counts x 3 paradigms; each of
+    # them once per training seed (3); the datasets once
     if scale == "cpu":
         kinds = [s["kind"] for s in steps.values()]
-        assert kinds.count("stage1") == 16 + 4 + 4
-        assert kinds.count("stage2") == 8 + 4 + 1 + 2 + 2
-        assert kinds.count("eval") == 24 + 6 + 8 + 2 + 6
+        assert kinds.count("stage1") == 3 * (16 + 4 + 4)
+        assert kinds.count("stage2") == 3 * (8 + 4 + 1 + 2 + 2)
+        assert kinds.count("eval") == 3 * (24 + 6 + 8 + 2 + 6)
         assert kinds.count("collect") == 4 * 2 + 2  # sim + real per task, Fig. 7's 50 and 100 demos
 
 
 def test_plan_shares_runs_between_experiments(tmp_path):
     steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu"))
     S = reproduce.SCALES["cpu"]
-    t1 = {(p["task"], p["policy"], p["method"]): p["eval"] for p in inputs["table1"]}
+    t1 = {(p["task"], p["policy"], p["method"]): p["evals"] for p in inputs["table1"]}
     od = {m: t1[("open_drawer", "pi0.5", m)] for m in ("Real-only SFT", "SFT co-train", "RL-Co")}
     pp = {m: t1[("pick_and_place", "pi0.5", m)] for m in ("Real-only SFT", "SFT co-train", "RL-Co")}
-    fig4 = {(p["task"], p["sweep"], p["x"]): p["eval"] for p in inputs["fig4"]}
+    fig4 = {(p["task"], p["sweep"], p["x"]): p["evals"] for p in inputs["fig4"]}
     assert fig4[("open_drawer", "alpha", 0.0)] == od["Real-only SFT"]
     assert fig4[("open_drawer", "alpha", 0.95)] == od["SFT co-train"]
     assert fig4[("open_drawer", "beta", 0.1)] == od["RL-Co"]
     assert fig4[("pick_and_place", "alpha", 0.5)] == pp["SFT co-train"]
-    fig7 = {(p["method"], p["n_real"]): p["eval"] for p in inputs["fig7"]}
+    fig7 = {(p["method"], p["n_real"]): p["evals"] for p in inputs["fig7"]}
     assert {m: fig7[(m, S["real_episodes"])] for m in od} == od
-    assert len(set(fig7.values())) == len(fig7)
-    t2 = {(p["method"], p["variant"]): p["eval"] for p in inputs["table2"]}
+    assert len({k for keys in fig7.values() for k in keys}) == len(fig7) * len(S["seeds"])
+    t2 = {(p["method"], p["variant"]): p["evals"] for p in inputs["table2"]}
     assert {m: t2[(m, "in_distribution")] for m in pp} == pp
     assert {k[1] for k in t2} == set(reproduce.VARIANTS)
-    fig6 = [p["eval"] for p in inputs["fig6"]]
+    fig6 = [p["evals"] for p in inputs["fig6"]]
     assert fig6[0] == pp["RL-Co"] and fig6[1] == fig4[("pick_and_place", "beta", 0.0)]
-    assert len(set(fig6)) == 4
+    assert len({k for keys in fig6 for k in keys}) == 4 * len(S["seeds"])
     # Fig. 5: the co-trained init's curve is Table I's RL-Co run; the real-only init starts from
     # Table I's real-only Stage I checkpoint
-    rlco_run = steps[pp["RL-Co"]]["checkpoint"].parent.parent
-    fig5 = {p["init"]: p["metrics"] for p in inputs["fig5"]}
-    assert str(rlco_run / "metrics.jsonl") in fig5.values()
-    real_only = next(m for k, m in fig5.items() if "alpha=0)" in k)
-    real_only_init = flag(steps[Path(real_only).parent.name]["cmd"], "--init")
-    assert real_only_init == str(steps[pp["Real-only SFT"]]["checkpoint"])
+    # Table I's runs of every seed, and a real-only init curve per seed from that seed's checkpoint
+    for i, seed in enumerate(S["seeds"]):
+        rlco_run = steps[pp["RL-Co"][i]]["checkpoint"].parent.parent
+        fig5 = {p["init"]: p["metrics"] for p in inputs["fig5"] if p["seed"] == seed}
+        assert str(rlco_run / "metrics.jsonl") in fig5.values()
+        real_only = next(m for k, m in fig5.items() if "alpha=0)" in k)
+        real_only_init = flag(steps[Path(real_only).parent.name]["cmd"], "--init")
+        assert real_only_init == str(steps[pp["Real-only SFT"][i]]["checkpoint"])
     # the real data of Fig. 7's points: one dataset per demo count, Table I's for its own count
-    for (m, n), key in fig7.items():
-        run = steps[Path(flag(steps[key]["cmd"], "--checkpoint")).parent.parent.name]
-        assert flag(run["cmd"], "--real-data").endswith(f"proxy_real_{n}")
+    for (m, n), keys in fig7.items():
+        for key in keys:
+            run = steps[Path(flag(steps[key]["cmd"], "--checkpoint")).parent.parent.name]
+            assert flag(run["cmd"], "--real-data").endswith(f"proxy_real_{n}")
 
 
 def test_names_match_the_envs_module():
@@ -115,7 +128,12 @@ def test_only_and_tasks_restrict_the_plan(tmp_path):
     steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",)))
     assert set(inputs) == {"table1"}
     kinds = [s["kind"] for s in steps.values()]
-    assert (kinds.count("collect"), kinds.count("stage1"), kinds.count("stage2"), kinds.count("eval")) == (2, 4, 2, 6)
+    # ci: 2 training seeds x 2 policies x (2 Stage I + 1 Stage II) runs and 3 evaluations
+    assert (kinds.count("collect"), kinds.count("stage1"), kinds.count("stage2"), kinds.count("eval")) == (2, 8, 4, 12)
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",),
+                                                   policies=("pi05",), seeds=(7,)))
+    assert [p["policy"] for p in inputs["table1"]] == ["pi0.5"] * 3
+    assert all(k.endswith("_s7__in_distribution") for p in inputs["table1"] for k in p["evals"])
     steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table2", "fig5", "fig7"),
                                                    tasks=("open_drawer",)))
     assert set(inputs) == {"fig7"}  # Table II and Fig. 5 are pick_and_place experiments
@@ -131,14 +149,15 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     steps, _ = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",)))
     import shlex
     assert printed == [shlex.join(s["cmd"]) for s in steps.values()]
-    assert "2 datasets, 4 Stage I runs, 2 Stage II runs, 6 evaluations" in done.stdout
+    assert "2 datasets, 8 Stage I runs, 4 Stage II runs, 12 evaluations" in done.stdout
     assert list(tmp_path.iterdir()) == []
 
 
 def test_skip_resume_and_restart_decisions(tmp_path, capsys, monkeypatch):
     args = make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer",), dry_run=True)
     steps, _ = reproduce.build_plan(args)
-    s1, s1b, s2 = [k for k, s in steps.items() if s["kind"] in ("stage1", "stage2")][:3]
+    s1, s1b = [k for k, s in steps.items() if s["kind"] == "stage1"][:2]
+    s2 = next(k for k, s in steps.items() if s["kind"] == "stage2")
     sim_step = next(s for s in steps.values() if s["kind"] == "collect" and s["out"].name.startswith("sim_"))
     real_step = next(s for s in steps.values() if s["kind"] == "collect" and s["out"].name.startswith("proxy_real_"))
     # a finished Stage I run is skipped; an interrupted one with a checkpoint resumes; one that
@@ -201,14 +220,21 @@ def test_skip_resume_and_restart_decisions(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # tables and figures from synthetic evaluations
 # ---------------------------------------------------------------------------------------------
-def write_eval(evals: Path, key: str, cmd: list[str], wins: tuple[int, int], episodes: int = 4):
-    """An evaluation as eval_real.py proxy leaves it: <key>.episodes.jsonl, then <key>.json/.md."""
+def write_eval(evals: Path, key: str, cmd: list[str], wins: int, episodes: int = 4):
+    """An evaluation as eval_real.py proxy leaves it (one noise-free repeat on the states
+    1_000_000 + i, the first `wins` of them successes): <key>.episodes.jsonl, then <key>.json/.md."""
     records = [{"method": flag(cmd, "--names"), "checkpoint": flag(cmd, "--checkpoint"), "task": flag(cmd, "--task"),
-                "variant": flag(cmd, "--variant"), "domain": "proxy_real", "repeat": r, "seed": 1_000_000 + i,
-                "success": i < w, "steps": 10} for r, w in enumerate(wins) for i in range(episodes)]
+                "variant": flag(cmd, "--variant"), "domain": "proxy_real", "repeat": 0, "seed": 1_000_000 + i,
+                "gap": float(flag(cmd, "--gap")), "success": i < wins, "steps": 10} for i in range(episodes)]
     for rec in records:
         eval_real.append_record(evals / f"{key}.episodes.jsonl", rec)
     eval_real.write_table(eval_real.summarize(records), evals / key)
+
+
+def write_point(evals: Path, steps: dict, keys: list[str], wins: tuple[int, ...]):
+    """A point's evaluations, one per training seed, with wins[i] successes out of 4 for seed i."""
+    for key, w in zip(keys, wins):
+        write_eval(evals, key, steps[key]["cmd"], w)
 
 
 def md_row(text: str, first: str) -> list[str]:
@@ -216,21 +242,30 @@ def md_row(text: str, first: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def no_ci(cells: list[str]) -> list[str]:
+    """Table cells without their bracketed confidence interval."""
+    return [c.split(" [")[0] for c in cells]
+
+
 def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
-    args = make_args(tmp_path, scale="ci")
+    args = make_args(tmp_path, scale="ci")  # training seeds 1 and 2
     steps, inputs = reproduce.build_plan(args)
     evals, out = tmp_path / "results" / "evals", tmp_path / "results"
-    by = lambda exp, **kw: next(p["eval"] for p in inputs[exp] if all(p[k] == v for k, v in kw.items()))  # noqa: E731
-    special = {  # key -> successes of 4 episodes in repeat 0 and 1; every other evaluation: 2/4 and 2/4
-        by("table1", task="open_drawer", policy="pi0.5", method="RL-Co"): (3, 1),      # 75, 25 -> 50 +- 25
-        by("table2", method="RL-Co", variant="unseen_objects"): (1, 1),                # 25 +- 0, drop 50 %
-        by("fig4", task="open_drawer", sweep="alpha", x=0.5): (4, 3),                  # 87.5 +- 12.5
-        by("fig6", setting="no real data in either stage"): (0, 1),                    # 12.5 +- 12.5
-        by("fig7", method="SFT co-train", n_real=3): (1, 2),                           # 37.5 +- 12.5
+    by = lambda exp, **kw: next(p["evals"] for p in inputs[exp] if all(p[k] == v for k, v in kw.items()))  # noqa: E731
+    special = {  # point -> successes of 4 episodes for seeds 1 and 2; every other point: 2/4 and 2/4
+        tuple(by("table1", task="open_drawer", policy="pi0.5", method="RL-Co")): (3, 1),  # 75, 25: 50 +- 35.4
+        tuple(by("table2", method="RL-Co", variant="unseen_objects")): (1, 1),            # 25 +- 0, drop 50 %
+        tuple(by("fig4", task="open_drawer", sweep="alpha", x=0.5)): (4, 3),              # 87.5 +- 17.7
+        tuple(by("fig6", setting="no real data in either stage")): (0, 1),                # 12.5 +- 17.7
+        tuple(by("fig7", method="SFT co-train", n_real=3)): (1, 2),                       # 37.5 +- 17.7
     }
+    written_keys = set()
+    for keys, wins in special.items():
+        write_point(evals, steps, list(keys), wins)
+        written_keys |= set(keys)
     for key, s in steps.items():
-        if s["kind"] == "eval":
-            write_eval(evals, key, s["cmd"], special.get(key, (2, 2)))
+        if s["kind"] == "eval" and key not in written_keys:
+            write_eval(evals, key, s["cmd"], 2)
     # Fig. 5 curves: seed 1 logs step 100 twice (a resumed run: the last one counts) and a step
     # seed 2 never reached (left out of the mean)
     logs = {1: [(0, 0.0), (100, 0.9), (100, 0.1), (200, 0.2), (300, 0.5)], 2: [(0, 0.0), (100, 0.3), (200, 0.2)]}
@@ -254,48 +289,63 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     rows = {r["method"]: r["cells"] for r in t1["rows"]}
     assert len(rows) == 6 and "pi0.5: RL-Co" in rows and "OpenVLA: Real-only SFT" in rows
     cell = rows["pi0.5: RL-Co"]["open_drawer"]
-    assert (cell["mean"], cell["std"]) == pytest.approx((50.0, 25.0))
-    # Avg per repeat over the 4 tasks: (3 * 50 + 75) / 4 = 56.25 and (3 * 50 + 25) / 4 = 43.75
-    assert (rows["pi0.5: RL-Co"]["Avg"]["mean"], rows["pi0.5: RL-Co"]["Avg"]["std"]) == pytest.approx((50.0, 6.25))
+    # per seed 75 and 25: mean 50, sample std 25 * sqrt(2)
+    assert (cell["mean"], cell["std"]) == pytest.approx((50.0, 35.3553), abs=1e-3)
+    assert cell["per_repeat"] == {"1": 75.0, "2": 25.0} and cell["seeds"] == [1, 2]
+    lo, hi = cell["ci95"]
+    assert 0.0 <= lo < 50.0 < hi <= 100.0
+    # Avg per seed over the 4 tasks: (3 * 50 + 75) / 4 = 56.25 and (3 * 50 + 25) / 4 = 43.75
+    assert (rows["pi0.5: RL-Co"]["Avg"]["mean"], rows["pi0.5: RL-Co"]["Avg"]["std"]) == pytest.approx((50.0, 8.8388), abs=1e-3)
     assert (rows["OpenVLA: RL-Co"]["Avg"]["mean"], rows["OpenVLA: RL-Co"]["Avg"]["std"]) == pytest.approx((50.0, 0.0))
     md = (out / "table1.md").read_text()
-    assert md_row(md, "pi0.5: RL-Co")[1:] == ["50.0 +- 0.0", "50.0 +- 0.0", "50.0 +- 25.0", "50.0 +- 0.0", "50.0 +- 6.2"]
+    assert no_ci(md_row(md, "pi0.5: RL-Co")[1:]) == ["50.0 +- 0.0", "50.0 +- 0.0", "50.0 +- 35.4", "50.0 +- 0.0", "50.0 +- 8.8"]
+    # paired tests per policy and task: RL-Co vs SFT co-train, SFT co-train vs real-only
+    comps = {(c["a"], c["b"], c["task"]): c for c in t1["comparisons"]}
+    assert len(comps) == 2 * 2 * 4
+    c = comps[("pi0.5: RL-Co", "pi0.5: SFT co-train", "open_drawer")]
+    # per state, mean over seeds: RL-Co (1, 0.5, 0.5, 0) vs co-train (1, 1, 0, 0): differences cancel
+    assert c["diff_pct"] == pytest.approx(0.0) and c["p_value"] == pytest.approx(1.0)
+    assert c["n_states"] == 4 and c["seeds_a"] == c["seeds_b"] == 2
+    assert comps[("OpenVLA: RL-Co", "OpenVLA: SFT co-train", "open_drawer")]["diff_pct"] == 0.0
+    assert "p-value" in md or "p =" in md
 
     t2 = json.loads((out / "table2.json").read_text())
     assert t2["columns"] == list(reproduce.VARIANTS)
     c = next(r for r in t2["rows"] if r["method"] == "RL-Co")["cells"]["unseen_objects"]
     assert (c["mean"], c["std"], c["drop_pct"]) == pytest.approx((25.0, 0.0, 50.0))
-    assert md_row((out / "table2.md").read_text(), "RL-Co")[2] == "25.0 +- 0.0 (-50.0%)"
+    assert md_row((out / "table2.md").read_text(), "RL-Co")[2].startswith("25.0 +- 0.0")
+    assert md_row((out / "table2.md").read_text(), "RL-Co")[2].endswith("(-50.0%)")
 
     f4 = json.loads((out / "fig4.json").read_text())
     p = next(p for p in f4 if p["task"] == "open_drawer" and p["sweep"] == "alpha" and p["x"] == 0.5)
-    assert (p["mean"], p["std"]) == pytest.approx((87.5, 12.5))
+    assert (p["mean"], p["std"]) == pytest.approx((87.5, 17.6777), abs=1e-3)
+    assert p["per_seed"] == {"1": 100.0, "2": 75.0}
     assert sorted(p["x"] for p in f4 if p["task"] == "open_drawer" and p["sweep"] == "alpha") == [0.0, 0.5, 0.95, 1.0]
-    assert "| open_drawer | alpha | 0.5 | 87.5 +- 12.5 |" in (out / "fig4.md").read_text()
+    assert "| open_drawer | alpha | 0.5 | 87.5 +- 17.7 |" in (out / "fig4.md").read_text()
 
     f5 = json.loads((out / "fig5.json").read_text())
     assert len(f5) == 2
     for curve in f5.values():
         assert curve["seeds"] == [1, 2] and curve["env_steps"] == [0, 100, 200]
         assert [q["mean"] for q in curve["points"]] == pytest.approx([0.0, 20.0, 20.0])
-        assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 10.0, 0.0])
+        assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 14.1421, 0.0], abs=1e-3)
 
     f6 = json.loads((out / "fig6.json").read_text())
     assert [p["mean"] for p in f6] == pytest.approx([50.0, 50.0, 50.0, 12.5])
-    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 12.5])
-    assert "| no real data in either stage | 12.5 +- 12.5 |" in (out / "fig6.md").read_text()
+    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 17.6777], abs=1e-3)
+    assert "| no real data in either stage | 12.5 +- 17.7 |" in (out / "fig6.md").read_text()
 
     f7md = (out / "fig7.md").read_text()
     assert md_row(f7md, "method") == ["method", "2 demos", "3 demos"]
-    assert md_row(f7md, "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "37.5 +- 12.5"]
+    assert md_row(f7md, "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "37.5 +- 17.7"]
     summary = (out / "summary.md").read_text()
     for name in reproduce.EXPERIMENTS:
         assert (out / f"{name}.md").read_text() in summary
 
     # an evaluation that has not finished (eval_real.py writes <key>.json last) counts as missing:
     # the table that needs it is not written, a figure shows the point as "-"
-    (evals / f"{by('fig7', method='SFT co-train', n_real=3)}.json").unlink()
-    (evals / f"{by('table1', task='push_cube', policy='OpenVLA', method='RL-Co')}.json").unlink()
+    (evals / f"{by('fig7', method='SFT co-train', n_real=3)[1]}.json").unlink()  # one seed missing is missing
+    (evals / f"{by('table1', task='push_cube', policy='OpenVLA', method='RL-Co')[0]}.json").unlink()
     out2 = tmp_path / "partial"
     written = reproduce.aggregate(inputs, evals, out2, "ci")
     assert "table1" not in written and "fig7" in written and not (out2 / "table1.json").exists()
@@ -307,9 +357,9 @@ def test_report_only_tabulates_finished_evaluations_and_runs_nothing(tmp_path):
     args = make_args(tmp_path, scale="ci", only=("table1",), tasks=("open_drawer", "close_drawer"))
     steps, inputs = reproduce.build_plan(args)
     evals = tmp_path / "results" / "evals"
-    for key, s in steps.items():
-        if s["kind"] == "eval":
-            write_eval(evals, key, s["cmd"], (4, 2) if "close_drawer_pi05_a0_" in key else (1, 1))
+    for p in inputs["table1"]:
+        close_real_only = p["task"] == "close_drawer" and p["method"] == "Real-only SFT" and p["policy"] == "pi0.5"
+        write_point(evals, steps, p["evals"], (4, 2) if close_real_only else (1, 1))
     cmd = [sys.executable, "reproduce.py", "--report-only", "--scale", "ci", "--only", "table1",
            "--tasks", "open_drawer", "close_drawer", "--data-dir", str(tmp_path / "data"),
            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "results")]
@@ -319,7 +369,33 @@ def test_report_only_tabulates_finished_evaluations_and_runs_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no dataset or run made
     md = (tmp_path / "results" / "table1.md").read_text()
     assert md_row(md, "method")[1:] == ["open_drawer", "close_drawer", "Avg"]
-    assert md_row(md, "pi0.5: Real-only SFT")[1:] == ["25.0 +- 0.0", "75.0 +- 25.0", "50.0 +- 12.5"]
-    assert md_row(md, "OpenVLA: RL-Co")[1:] == ["25.0 +- 0.0", "25.0 +- 0.0", "25.0 +- 0.0"]
+    assert no_ci(md_row(md, "pi0.5: Real-only SFT")[1:]) == ["25.0 +- 0.0", "75.0 +- 35.4", "50.0 +- 17.7"]
+    assert no_ci(md_row(md, "OpenVLA: RL-Co")[1:]) == ["25.0 +- 0.0", "25.0 +- 0.0", "25.0 +- 0.0"]
+    # co-train (1, 0, 0, 0) vs real-only (1, 1, 0.5, 0.5) per state: differences (0, -1, -0.5, -0.5);
+    # of the 8 sign patterns of the 3 non-zero ones, 2 reach |sum| >= 2: exact two-sided p = 0.25
+    t1 = json.loads((tmp_path / "results" / "table1.json").read_text())
+    c = next(c for c in t1["comparisons"] if c["a"] == "pi0.5: SFT co-train" and c["task"] == "close_drawer")
+    assert c["b"] == "pi0.5: Real-only SFT" and c["diff_pct"] == pytest.approx(-50.0)
+    assert c["p_value"] == pytest.approx(0.25)
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert set(summary["written"]) == {"table1"}
+
+
+def test_calibrated_gap_reaches_real_demos_and_evaluations(tmp_path):
+    # scripts/gap_calibration.py's choice: the task's real demos are collected and its runs
+    # evaluated at that gap; the sim demos and the other tasks are untouched
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "gap_calibration.json").write_text(json.dumps({"chosen": {"open_drawer": 0.5}}))
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("table1",),
+                                                   tasks=("open_drawer", "close_drawer"), policies=("pi05",)))
+    for key, s in steps.items():
+        task = flag(s["cmd"], "--task")
+        if s["kind"] == "eval":
+            assert flag(s["cmd"], "--gap") == ("0.5" if task == "open_drawer" else "1")
+        elif s["kind"] == "collect":
+            real = flag(s["cmd"], "--domain") == "proxy_real"
+            assert flag(s["cmd"], "--gap") == ("0.5" if real and task == "open_drawer" else None)
+            assert ("gap0p5" in key) == (real and task == "open_drawer")
+        else:  # a run's real data is the dataset of its task's gap
+            assert ("proxy_real_gap0p5_" in flag(s["cmd"], "--real-data")) == (task == "open_drawer")
+            assert ("_gap0p5_" in key) == (task == "open_drawer")

@@ -1,0 +1,127 @@
+"""Does Stage II raise sim success? Stage II (RL in the sim twin, Eq. 5 with --beta) from a finished
+sim-only Stage I run of scripts/learnability.py, one run per Stage II seed, each evaluated with the
+noise-free protocol on the same 50 sim episodes (envs.eval_seeds) as its starting checkpoint.
+Appends a row per task, policy and attempt to results/reproduce_cpu/rl_gain.json: the mean over
+seeds before and after, per-seed values, the rollout success of the first and last quarter of the
+iterations (sampled chain, first episode of every env) and wall times. The study asks for a gain
+of >= 15 points (mean over >= 3 Stage II seeds).
+
+    python scripts/rl_gain.py --tasks open_drawer --init-attempt default --seeds 1 2 3
+    python scripts/rl_gain.py --tasks close_drawer --beta 0.1 --attempt beta0.1
+
+A finished run (its checkpoints/final exists) is not trained again, only read; an interrupted one
+resumes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    tasks: list[str] = field(default_factory=lambda: ["open_drawer", "close_drawer"])
+    """tasks to train and evaluate"""
+    policy: str = "pi05"
+    """policy family (tiny size)"""
+    init_attempt: str = "default"
+    """the learnability.py attempt whose Stage I run Stage II starts from"""
+    init_seed: int = 1
+    """the Stage I seed of that run"""
+    learnability_runs: str = "runs/learnability"
+    """where learnability.py put its Stage I runs"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Stage II seeds"""
+    beta: float = 0.0
+    """weight of the real-demo SFT loss (Eq. 5); 0 = RL alone"""
+    total_env_steps: int = 20000
+    """Stage II env steps per run"""
+    num_envs: int = 4
+    """parallel training envs"""
+    episodes: int = 50
+    """sim evaluation episodes of the final policy"""
+    image_size: int = 64
+    """camera resolution (the datasets' folder is <data-dir>/<task>_<image-size>px)"""
+    data_dir: str = "data"
+    """where learnability.py put the datasets (the proxy_real one is Stage II's --real-data)"""
+    attempt: str = "beta0"
+    """name of this attempt (a run folder suffix and a field of the row)"""
+    runs_dir: str = "runs/rl_gain"
+    """Stage II runs go here, one folder per task, policy, attempt and seed"""
+    out: str = "results/reproduce_cpu/rl_gain.json"
+    """the results file (a row per task, policy and attempt; a rerun replaces its row)"""
+
+
+def run(cmd: list[str]) -> float:
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
+    return time.time() - t0
+
+
+def quarter_success(metrics: Path) -> tuple[float, float]:
+    """Mean rollout success (first episode of every env) over the first and last quarter of iterations."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    succ = [r["charts/episode_success"] for r in rows if "charts/episode_success" in r]
+    q = max(1, len(succ) // 4)
+    return sum(succ[:q]) / q, sum(succ[-q:]) / q
+
+
+def main(args: Args):
+    py = sys.executable
+    out = ROOT / args.out
+    for task in args.tasks:
+        init_run = ROOT / args.learnability_runs / f"{task}_{args.policy}_{args.init_attempt}_s{args.init_seed}"
+        init = init_run / "checkpoints" / "final"
+        if not (init / "config.json").exists():
+            sys.exit(f"no finished Stage I run at {init}: run scripts/learnability.py --tasks {task} "
+                     f"--attempt {args.init_attempt} --seeds {args.init_seed} first")
+        before = 100.0 * json.loads((init / "config.json").read_text())["extra"]["eval/success_sim"]
+        real = ROOT / args.data_dir / f"{task}_{args.image_size}px" / "proxy_real"
+        after, walls, quarters, env_steps = [], [], [], []
+        for seed in args.seeds:
+            name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
+            final = ROOT / args.runs_dir / name / "checkpoints" / "final"
+            wall = 0.0
+            if not (final / "config.json").exists():
+                resume = ["--resume"] if (ROOT / args.runs_dir / name / "args.json").exists() else []
+                wall = run([py, "stage2_rl_cotrain.py", "--task", task, "--init", str(init), "--real-data", str(real),
+                            "--beta", f"{args.beta:g}", "--total-env-steps", str(args.total_env_steps),
+                            "--num-envs", str(args.num_envs), "--eval-every", "0", "--eval-episodes", str(args.episodes),
+                            "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
+                            "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])
+            after.append(100.0 * json.loads((final / "config.json").read_text())["extra"]["eval/success_sim"])
+            metrics = final.parents[1] / "metrics.jsonl"
+            quarters.append(quarter_success(metrics))
+            env_steps.append(max(json.loads(line).get("global_step", 0) for line in metrics.read_text().splitlines()))
+            walls.append(round(wall, 1))
+        mean_after = sum(after) / len(after)
+        row = {"task": task, "policy": args.policy, "seeds": list(args.seeds), "env_steps": max(env_steps),
+               "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
+               "gain_points": mean_after - before, "episodes": args.episodes, "beta": args.beta,
+               "num_envs": args.num_envs, "attempt": args.attempt,
+               "init": f"{init_run.relative_to(ROOT)} (sim-only Stage I, alpha 1)",
+               "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],
+               "rollout_success_last_quarter": [round(b, 3) for _, b in quarters],
+               "stage2_wall_s": walls, "criterion_met": mean_after - before >= 15.0 and len(args.seeds) >= 3}
+        rows = json.loads(out.read_text()) if out.exists() else []  # read late: other runs may have written
+        rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        print(f"{task} {args.policy} {args.attempt}: sim success {before:.1f} % -> {mean_after:.1f} % "
+              f"(per seed {after}), {args.episodes} episodes; written to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

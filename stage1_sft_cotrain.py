@@ -15,10 +15,13 @@ Outputs, under runs/<run_name>/: args.json, metrics.jsonl, TensorBoard events, v
 checkpoints/<step>/ (the last one, with trainer_state.pt for --resume), checkpoints/best/
 (highest proxy_real success, else sim), checkpoints/final/. Ctrl-C or SIGTERM: the step under
 way finishes, checkpoints/<step>/ is saved, exit code 130; --resume continues exactly.
+--ema-decay d > 0 keeps an exponential moving average of the weights, as openpi does: evaluation
+and every checkpoint's model use it, training goes on from its own weights (in trainer_state.pt).
 """
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import random
@@ -81,6 +84,8 @@ class Args:
     """AdamW betas"""
     max_grad_norm: float = 1.0
     """gradient clipping (global L2 norm)"""
+    ema_decay: float = 0.0
+    """exponential moving average of the weights, ema = d * ema + (1 - d) * weights after every step (from the initial weights, in float32): evaluation and every checkpoint's model use it, training goes on from its own weights; 0 = off. openpi fine-tunes pi05 with 0.999"""
     augment: bool = True
     """random crop and colour jitter on training images"""
 
@@ -218,6 +223,41 @@ def gathered_policy(policy, is_main: bool):
     return whole
 
 
+@contextlib.contextmanager
+def swapped_in(params: list, values: Optional[list]):
+    """Inside the block the parameters hold `values` (the EMA), after it their own values again, bit
+    for bit (an extra copy of them meanwhile). values None: nothing changes."""
+    if values is None:
+        yield
+        return
+    with torch.no_grad():
+        own = [p.detach().clone() for p in params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, own):
+                p.copy_(v)
+
+
+def whole_tensor(t: torch.Tensor, is_main: bool) -> Optional[torch.Tensor]:
+    """A CPU copy of t on process 0 (None on the others) for the trainer state; (--fsdp) gathered
+    from its shards, one tensor at a time. Collective under --fsdp: every process calls it."""
+    from torch.distributed.tensor import DTensor
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    return t.detach().to("cpu", copy=True) if is_main else None
+
+
+def shard_like(t: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """The inverse of whole_tensor: whole on t's device, (--fsdp) this process's shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(t, DTensor):
+        return distribute_tensor(whole.to(t.device), t.device_mesh, t.placements)
+    return whole.to(t.device)
+
+
 def main(args: Args):
     d = plumbing.setup_distributed(args.device)  # torchrun's variables, if any
     rank, world_size, device, is_main = d.rank, d.world_size, d.device, d.is_main
@@ -230,6 +270,8 @@ def main(args: Args):
         fail(f"--alpha must lie in [0, 1], got {args.alpha}")
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    if not 0.0 <= args.ema_decay < 1.0:
+        fail(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.fsdp and world_size < 2:
         fail("--fsdp shards the model over torchrun processes: run under torchrun --nproc_per_node N, N >= 2")
     sim_given, real_given = args.sim_data is not None, args.real_data is not None
@@ -296,7 +338,10 @@ def main(args: Args):
     else:
         policy.to(device)
         plumbing.broadcast_parameters(policy, world_size)  # every process starts from process 0's weights
+    trainable_names = [n for n, p in policy.named_parameters() if p.requires_grad]
     trainable = [p for p in policy.parameters() if p.requires_grad]
+    # the EMA starts from the initial weights (sharded like them under --fsdp)
+    ema = [p.detach().float().clone() for p in trainable] if args.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
     # Eq. 4: each sample from sim with probability alpha, real with 1 - alpha (a dataset given for
@@ -317,6 +362,12 @@ def main(args: Args):
         else:
             optimizer.load_state_dict(state["optimizer"])
         mixer.load_state_dict(state["mixer"])
+        if "ema" in state:  # that run saved the EMA as the model: its training weights are here
+            with torch.no_grad():
+                for name, p in zip(trainable_names, trainable):
+                    p.copy_(shard_like(p, state["weights"][name]))
+                for name, e in zip(trainable_names, ema or []):  # no EMA (now --ema-decay 0): dropped
+                    e.copy_(shard_like(e, state["ema"][name]))
         plumbing.restore_rng(state["rng"], rngs, device, rank)
         start_step, best_score = state["step"], state["best_score"]
         if is_main:
@@ -329,12 +380,16 @@ def main(args: Args):
                 full_state_dict=True, cpu_offload=True))
         else:
             optim_state = optimizer.state_dict()
-        return {"optimizer": optim_state, "mixer": mixer.state_dict(), "step": step, "best_score": best_score,
-                "rng": plumbing.capture_rng(rngs, device, world_size)}  # every process's
+        out = {"optimizer": optim_state, "mixer": mixer.state_dict(), "step": step, "best_score": best_score,
+               "rng": plumbing.capture_rng(rngs, device, world_size)}  # every process's
+        if ema is not None:  # the checkpoint's model is the EMA: both, whole and exact, for --resume
+            out["weights"] = {n: whole_tensor(p, is_main) for n, p in zip(trainable_names, trainable)}
+            out["ema"] = {n: whole_tensor(e, is_main) for n, e in zip(trainable_names, ema)}
+        return out
 
     protocol = policy.protocol(True)
     extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "protocol": protocol,
-             "args": asdict(args)}
+             "ema_decay": args.ema_decay, "args": asdict(args)}  # ema_decay > 0: the weights are the EMA
     log = plumbing.MetricsLog(run_dir, append=resume_from is not None, enabled=is_main)
     if is_main:
         plumbing.write_args(run_dir, asdict(args))
@@ -343,32 +398,34 @@ def main(args: Args):
         used = lambda ds, w: "none" if ds is None else f"{ds.num_episodes} episodes" + ("" if w else " (statistics only)")
         print(f"Stage I: {args.policy}/{args.size} ({n_params / 1e6:.2f}M trainable), task {args.task}, "
               f"alpha {args.alpha} | sim {used(sim_ds, args.alpha)}, real {used(real_ds, 1 - args.alpha)} | "
-              f"{world_size} process(es) on {device}\nevaluation: {protocol}, {image_size} px camera")
+              f"{world_size} process(es) on {device}\nevaluation: {protocol}, {image_size} px camera"
+              + ("" if ema is None else f"; evaluated and saved: the weights' EMA (decay {args.ema_decay})"))
 
     def save(step, evaluate=True, final=False):
         """checkpoints/<step>/ (resumable) after an evaluation (evaluate=False: without), and
         best/ and final/. Collective under torchrun: every process calls it."""
         nonlocal best_score
         state = trainer_state(step)
-        whole = gathered_policy(policy, is_main) if args.fsdp else policy
-        if not is_main:
-            return
-        scores = {}
-        for domain in args.eval_domains if evaluate else ():
-            video = run_dir / "videos" / f"step{step}_{domain}.mp4" if args.save_video else None
-            scores[f"eval/success_{domain}"] = success_rate(whole, args, domain, image_size, video)
-        if evaluate:
-            log.log({"step": step}, scores, x=step)
-            print(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items()))
-        info = {**extra, "step": step, **scores}
-        plumbing.save_checkpoint(whole, ckpt_root / str(step), info, state)
-        plumbing.prune_checkpoints(ckpt_root, keep=ckpt_root / str(step))  # best/ and final/ stay
-        score = scores.get("eval/success_proxy_real", scores.get("eval/success_sim", 0.0))
-        if evaluate and score > best_score:
-            best_score = score
-            plumbing.save_checkpoint(whole, ckpt_root / "best", info)
-        if final:
-            plumbing.save_checkpoint(whole, ckpt_root / "final", info)
+        with swapped_in(trainable, ema):  # the EMA, if any, is what is evaluated and saved as the model
+            whole = gathered_policy(policy, is_main) if args.fsdp else policy
+            if not is_main:
+                return
+            scores = {}
+            for domain in args.eval_domains if evaluate else ():
+                video = run_dir / "videos" / f"step{step}_{domain}.mp4" if args.save_video else None
+                scores[f"eval/success_{domain}"] = success_rate(whole, args, domain, image_size, video)
+            if evaluate:
+                log.log({"step": step}, scores, x=step)
+                print(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in scores.items()))
+            info = {**extra, "step": step, **scores}
+            plumbing.save_checkpoint(whole, ckpt_root / str(step), info, state)
+            plumbing.prune_checkpoints(ckpt_root, keep=ckpt_root / str(step))  # best/ and final/ stay
+            score = scores.get("eval/success_proxy_real", scores.get("eval/success_sim", 0.0))
+            if evaluate and score > best_score:
+                best_score = score
+                plumbing.save_checkpoint(whole, ckpt_root / "best", info)
+            if final:
+                plumbing.save_checkpoint(whole, ckpt_root / "final", info)
 
     # ---- training loop --------------------------------------------------------------------------
     step = start_step
@@ -396,6 +453,10 @@ def main(args: Args):
             if args.fsdp:
                 grad_norm = grad_norm.full_tensor()  # a replicated DTensor under FSDP
             optimizer.step()
+            if ema is not None:  # ema = d * ema + (1 - d) * weights, in float32
+                with torch.no_grad():
+                    torch._foreach_mul_(ema, args.ema_decay)
+                    torch._foreach_add_(ema, trainable, alpha=1 - args.ema_decay)
             step += 1
             n_window += args.batch_size
             sim_window.append(from_sim.mean())

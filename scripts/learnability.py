@@ -39,6 +39,8 @@ class Args:
     """Stage I batch size"""
     lr: float = 3e-4
     """Stage I peak learning rate"""
+    ema_decay: float = 0.0
+    """Stage I's --ema-decay: the policy evaluated is the exponential moving average of the weights with this decay (0 = off; openpi uses 0.999)"""
     policy_overrides: list[str] = field(default_factory=list)
     """passed on to Stage I's --policy-overrides (key value pairs)"""
     sim_episodes: int = 100
@@ -87,7 +89,8 @@ def main(args: Args):
                 wall = run([py, "stage1_sft_cotrain.py", "--task", task, "--policy", args.policy, "--alpha", "1",
                             "--sim-data", str(data["sim"]), "--real-data", str(data["proxy_real"]),
                             "--total-steps", str(args.stage1_steps), "--batch-size", str(args.batch_size),
-                            "--lr", str(args.lr), "--eval-every", "0", "--eval-domains", "sim",
+                            "--lr", str(args.lr), "--ema-decay", str(args.ema_decay),
+                            "--eval-every", "0", "--eval-domains", "sim",
                             "--eval-episodes", str(args.episodes), "--eval-num-envs", "2", "--no-save-video",
                             "--seed", str(seed), "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name,
                             *(["--policy-overrides", *args.policy_overrides] if args.policy_overrides else []),
@@ -100,7 +103,8 @@ def main(args: Args):
                "seeds": list(args.seeds), "episodes": args.episodes,
                "sim_success_pct": sum(per_seed) / len(per_seed), "per_seed_pct": per_seed,
                "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
-               "lr": args.lr, "sim_episodes": args.sim_episodes, "image_size": args.image_size,
+               "lr": args.lr, "ema_decay": args.ema_decay, "sim_episodes": args.sim_episodes,
+               "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
         rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
         rows.append(row)

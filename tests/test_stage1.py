@@ -1,4 +1,4 @@
-"""Stage I: the alpha mix (Eq. 4), the schedule, the statistics, and short real runs."""
+"""Stage I: the alpha mix (Eq. 4), the schedule, the statistics, the EMA of the weights, and short real runs."""
 import json
 import math
 import os
@@ -165,7 +165,9 @@ def test_alpha_1_statistics_cover_the_real_data_and_config_records_camera_size(t
 
 
 def test_sigterm_finishes_the_step_saves_and_resume_continues_exactly(tmp_path, random_data, monkeypatch):
-    common = ["--policy", "pi05", "--alpha", "0.5", "--min-lr-ratio", "1.0", "--total-steps", "6"]
+    # with an EMA: checkpoints/3/ holds it as the model and the training weights in its trainer state
+    common = ["--policy", "pi05", "--alpha", "0.5", "--min-lr-ratio", "1.0", "--total-steps", "6",
+              "--ema-decay", "0.9"]
     stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "straight"))
 
     lr_at, sent = stage1.lr_at, []
@@ -201,6 +203,129 @@ def test_sigterm_finishes_the_step_saves_and_resume_continues_exactly(tmp_path, 
     pb = policies.load_policy(ckpts / "final").state_dict()
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=1e-6, atol=1e-7)
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "6" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(ckpts / "6" / "trainer_state.pt", weights_only=False)
+    for part in ("weights", "ema"):
+        assert sa[part].keys() == sb[part].keys() and sa[part]
+        for key in sa[part]:
+            torch.testing.assert_close(sa[part][key], sb[part][key], rtol=1e-6, atol=1e-7)
+    for key in sa["ema"]:  # the model saved is the EMA
+        torch.testing.assert_close(pb[key], sb["ema"][key], rtol=0, atol=0)
+
+
+# ---- EMA of the weights (--ema-decay) -----------------------------------------------------------
+
+@pytest.fixture
+def weights_per_step():
+    """[w_0, w_1, ...]: the trained weights before the first optimizer step and after each one (the
+    optimizer's step hooks), each a list in the optimizer's order."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    seen = []
+
+    def weights(optimizer):
+        return [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+
+    def pre(optimizer, args, kwargs):
+        if not seen:
+            seen.append(weights(optimizer))
+
+    handles = [register_optimizer_step_pre_hook(pre),
+               register_optimizer_step_post_hook(lambda optimizer, args, kwargs: seen.append(weights(optimizer)))]
+    yield seen
+    for handle in handles:
+        handle.remove()
+
+
+def ema_run(tmp_path, data, monkeypatch, decay, name):
+    """4 steps, evaluated (by a stand-in recording the weights it is given, success 0) at steps 2
+    and 4: {step: trainable weights evaluated}, the run folder, the trainable parameter names."""
+    evaluated = {}
+
+    def success_rate(policy, args, domain, image_size, video):
+        evaluated[len(evaluated) * 2 + 2] = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+        return 0.0
+
+    monkeypatch.setattr(stage1, "success_rate", success_rate)
+    stage1.main(quick_args(tmp_path, data, "--policy", "pi05", "--alpha", "0.5", "--total-steps", "4",
+                           "--lr", "1e-2", "--eval-every", "2", "--eval-domains", "sim", "--ema-decay", str(decay),
+                           "--run-name", name))
+    policy = policies.load_policy(tmp_path / name / "checkpoints" / "final")
+    return evaluated, tmp_path / name, [n for n, p in policy.named_parameters() if p.requires_grad]
+
+
+def trainable_weights(ckpt, names):
+    state = policies.load_policy(ckpt).state_dict()
+    return [state[n] for n in names]
+
+
+def assert_all_close(a, b, **tol):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+def test_ema_is_what_is_evaluated_and_saved(tmp_path, random_data, monkeypatch, weights_per_step):
+    d = 0.7  # not 0.5: d and 1 - d swapped would go unnoticed
+    evaluated, run_dir, names = ema_run(tmp_path, random_data, monkeypatch, d, "ema")
+    w = weights_per_step
+    assert len(w) == 5
+
+    def ema(n):  # ema_n = d^n w_0 + sum_k (1 - d) d^(n - k) w_k, in float64 from the recorded weights
+        return [(d ** n * w[0][i].double() + sum((1 - d) * d ** (n - k) * w[k][i].double()
+                                                 for k in range(1, n + 1))).float() for i in range(len(names))]
+
+    tol = dict(rtol=1e-5, atol=1e-6)
+    assert_all_close(evaluated[2], ema(2), **tol)  # the monitoring evaluations saw the EMA
+    assert_all_close(evaluated[4], ema(4), **tol)
+    ckpts = run_dir / "checkpoints"
+    assert_all_close(trainable_weights(ckpts / "final", names), ema(4), **tol)
+    assert_all_close(trainable_weights(ckpts / "4", names), ema(4), **tol)
+    assert_all_close(trainable_weights(ckpts / "best", names), ema(2), **tol)  # from step 2's evaluation
+    moved = [i for i in range(len(names)) if not torch.allclose(w[4][i], w[0][i])]
+    assert moved and all(not torch.allclose(ema(4)[i], w[4][i], **tol) for i in moved)  # not the weights
+    state = torch.load(ckpts / "4" / "trainer_state.pt", weights_only=False)
+    assert list(state["weights"]) == list(state["ema"]) == names
+    assert_all_close(list(state["weights"].values()), w[4], rtol=0, atol=0)  # the training weights, exact
+    assert_all_close(list(state["ema"].values()), ema(4), **tol)
+    assert all(t.dtype == torch.float32 for t in state["ema"].values())
+    for ckpt in ("final", "best", "4"):
+        assert policies.load_policy(ckpts / ckpt).config["extra"]["ema_decay"] == d
+
+
+def test_ema_decay_0_changes_nothing_and_the_ema_leaves_training_alone(tmp_path, random_data, monkeypatch,
+                                                                       weights_per_step):
+    evaluated, run_dir, names = ema_run(tmp_path, random_data, monkeypatch, 0.0, "plain")
+    plain = list(weights_per_step)
+    ckpts = run_dir / "checkpoints"
+    # --ema-decay 0: evaluated and saved are the training weights, exactly; no EMA in the trainer state
+    assert_all_close(evaluated[2], plain[2], rtol=0, atol=0)
+    assert_all_close(trainable_weights(ckpts / "final", names), plain[4], rtol=0, atol=0)
+    assert not {"weights", "ema"} & set(torch.load(ckpts / "4" / "trainer_state.pt", weights_only=False))
+    assert policies.load_policy(ckpts / "final").config["extra"]["ema_decay"] == 0.0
+
+    # with an EMA, evaluated and saved at step 2: the same training weights at every step, bit for bit
+    # (were the EMA left in the parameters after step 2, steps 3 and 4 would start from it)
+    weights_per_step.clear()
+    ema_run(tmp_path, random_data, monkeypatch, 0.7, "ema")
+    assert len(weights_per_step) == len(plain) == 5
+    for a, b in zip(weights_per_step, plain):
+        assert_all_close(a, b, rtol=0, atol=0)
+    loss = {name: [r["train/loss"] for r in read_metrics(tmp_path / name)] for name in ("plain", "ema")}
+    assert loss["ema"] == loss["plain"]
+
+
+def test_swapped_in_restores_the_weights_bit_for_bit_even_on_an_error():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5))]
+    own = [p.detach().clone() for p in params]
+    ema = [torch.randn(3, 2), torch.randn(5)]
+    with pytest.raises(RuntimeError):
+        with stage1.swapped_in(params, ema):
+            assert_all_close(list(params), ema, rtol=0, atol=0)
+            raise RuntimeError("evaluation failed")
+    assert_all_close(list(params), own, rtol=0, atol=0)
+    assert all(p.requires_grad for p in params)
+    with stage1.swapped_in(params, None):  # no EMA: nothing changes
+        assert_all_close(list(params), own, rtol=0, atol=0)
 
 
 def test_policy_overrides_are_typed_by_the_policy_defaults(tmp_path, random_data, capsys):

@@ -54,11 +54,19 @@ class Args:
     attempt: str = "default"
     """name of this attempt (a run folder suffix and a field of the row)"""
     data_dir: str = "data"
-    """datasets go to <data-dir>/<task>_<image-size>px/{sim,proxy_real}"""
+    """datasets go to <data-dir>/<task>/<domain>_<episodes> (at 64 px; else <domain>_<size>px_<episodes>), as reproduce.py's"""
     runs_dir: str = "runs/learnability"
     """Stage I runs go here, one folder per task, policy, attempt and seed"""
     out: str = "results/reproduce_cpu/learnability.json"
     """the results file (a row per task, policy and attempt; a rerun replaces its row)"""
+
+
+def dataset_dir(data_dir: str, task: str, domain: str, episodes: int, image_size: int) -> Path:
+    """A dataset folder per task, domain, size and resolution (reproduce.py's layout at 64 px):
+    Stage I trains on every episode of the folder it is given, so attempts with other demo counts
+    must not share one."""
+    px = "" if image_size == 64 else f"_{image_size}px"
+    return ROOT / data_dir / task / f"{domain}{px}_{episodes}"
 
 
 def run(cmd: list[str]) -> float:
@@ -75,8 +83,9 @@ def main(args: Args):
     out = ROOT / args.out
     rows = json.loads(out.read_text()) if out.exists() else []
     for task in args.tasks:
-        data = {d: ROOT / args.data_dir / f"{task}_{args.image_size}px" / d for d in ("sim", "proxy_real")}
-        for domain, n in (("sim", args.sim_episodes), ("proxy_real", args.real_episodes)):
+        counts = {"sim": args.sim_episodes, "proxy_real": args.real_episodes}
+        data = {d: dataset_dir(args.data_dir, task, d, n, args.image_size) for d, n in counts.items()}
+        for domain, n in counts.items():
             run([py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
                  "--out", str(data[domain]), "--image-size", str(args.image_size)])
         per_seed, walls, protocol = [], [], None

@@ -49,9 +49,11 @@ class Args:
     episodes: int = 50
     """sim evaluation episodes of the final policy"""
     image_size: int = 64
-    """camera resolution (the datasets' folder is <data-dir>/<task>_<image-size>px)"""
+    """camera resolution of learnability.py's datasets"""
+    real_episodes: int = 20
+    """proxy_real demos of its dataset (Stage II's --real-data: read at beta 0 for its image size only)"""
     data_dir: str = "data"
-    """where learnability.py put the datasets (the proxy_real one is Stage II's --real-data)"""
+    """where learnability.py put the datasets (<data-dir>/<task>/proxy_real_<real-episodes> at 64 px)"""
     attempt: str = "beta0"
     """name of this attempt (a run folder suffix and a field of the row)"""
     runs_dir: str = "runs/rl_gain"
@@ -87,7 +89,10 @@ def main(args: Args):
             sys.exit(f"no finished Stage I run at {init}: run scripts/learnability.py --tasks {task} "
                      f"--attempt {args.init_attempt} --seeds {args.init_seed} first")
         before = 100.0 * json.loads((init / "config.json").read_text())["extra"]["eval/success_sim"]
-        real = ROOT / args.data_dir / f"{task}_{args.image_size}px" / "proxy_real"
+        px = "" if args.image_size == 64 else f"_{args.image_size}px"  # learnability.py's dataset layout
+        real = ROOT / args.data_dir / task / f"proxy_real{px}_{args.real_episodes}"
+        if not (real / "meta" / "info.json").exists():
+            sys.exit(f"no dataset at {real}: scripts/learnability.py --tasks {task} makes it")
         after, walls, quarters, env_steps = [], [], [], []
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"

@@ -426,7 +426,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             alphas = ", ".join(f"{t} {COTRAIN_ALPHA[t]:g}" for t in dict.fromkeys(i["task"] for i in inputs["table1"]))
             md = (f"### Table I: proxy_real success (%) by training paradigm{note}\n\n" + to_markdown(table)
                   + f"\nSFT co-train alpha per task: {alphas}; RL-Co: Stage II from the co-train checkpoint, "
-                    f"beta={BETA:g}. Columns: repeats are training seeds; {gap_note(records)}.\n\n"
+                    f"beta={BETA:g}. Repeats are training seeds; {gap_note(records)}.\n\n"
                   + comparisons_markdown(table["comparisons"]))
             save("table1", table, md)
     # Table II: pick_and_place, pi0.5, columns = variants with the drop from in_distribution

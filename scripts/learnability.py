@@ -81,7 +81,6 @@ def run(cmd: list[str]) -> float:
 def main(args: Args):
     py = sys.executable
     out = ROOT / args.out
-    rows = json.loads(out.read_text()) if out.exists() else []
     for task in args.tasks:
         counts = {"sim": args.sim_episodes, "proxy_real": args.real_episodes}
         data = {d: dataset_dir(args.data_dir, task, d, n, args.image_size) for d, n in counts.items()}
@@ -115,6 +114,7 @@ def main(args: Args):
                "lr": args.lr, "ema_decay": args.ema_decay, "sim_episodes": args.sim_episodes,
                "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
+        rows = json.loads(out.read_text()) if out.exists() else []  # read late: other runs may have written
         rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)

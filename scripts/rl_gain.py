@@ -71,9 +71,9 @@ def run(cmd: list[str]) -> float:
     return time.time() - t0
 
 
-def quarter_success(metrics: Path) -> tuple[float, float]:
-    """Mean rollout success (first episode of every env) over the first and last quarter of iterations."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+def quarter_success(rows: list[dict]) -> tuple[float, float]:
+    """Mean rollout success (first episode of every env) over the first and last quarter of iterations
+    of a run's metrics.jsonl rows."""
     succ = [r["charts/episode_success"] for r in rows if "charts/episode_success" in r]
     q = max(1, len(succ) // 4)
     return sum(succ[:q]) / q, sum(succ[-q:]) / q
@@ -106,9 +106,10 @@ def main(args: Args):
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
                             "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])
             after.append(100.0 * json.loads((final / "config.json").read_text())["extra"]["eval/success_sim"])
-            metrics = final.parents[1] / "metrics.jsonl"
+            metrics = [json.loads(line) for line in (final.parents[1] / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
             quarters.append(quarter_success(metrics))
-            env_steps.append(max(json.loads(line).get("global_step", 0) for line in metrics.read_text().splitlines()))
+            env_steps.append(max(r.get("global_step", 0) for r in metrics))
             walls.append(round(wall, 1))
         mean_after = sum(after) / len(after)
         row = {"task": task, "policy": args.policy, "seeds": list(args.seeds), "env_steps": max(env_steps),

@@ -2,7 +2,6 @@
 what a row of results/ says are checked on hand-made inputs."""
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +39,10 @@ def test_learnability_keeps_a_dataset_folder_per_demo_count():
     assert a == ROOT / "data" / "open_drawer" / "sim_100"  # reproduce.py's layout: the datasets are shared
 
 
-def test_rl_gain_quarters_of_the_rollout_success(tmp_path):
+def test_rl_gain_quarters_of_the_rollout_success():
     rl_gain = load("rl_gain")
     rows = [{"iteration": 0, "global_step": 0, "eval/success_sim": 0.4}]  # an evaluation row: no rollout
     rows += [{"iteration": i, "global_step": 200 * i, "charts/episode_success": s}
              for i, s in enumerate([0.0, 0.25, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0], start=1)]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    first, last = rl_gain.quarter_success(path)
+    first, last = rl_gain.quarter_success(rows)
     assert (first, last) == pytest.approx((0.125, 1.0))  # 8 iterations: quarters of 2

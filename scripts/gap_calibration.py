@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tyro
 
-ROOT = Path(__file__).resolve().parents[1]
+from study_io import ROOT
 CRITERION = ("the largest gap of the grid at which the sim-only (alpha = 1) policy, >= 80 % successful in sim, "
              "succeeds in 5-25 % of 50 proxy_real episodes (noise-free protocol); where no grid point falls in "
              "that band, the midpoint of the two gaps that bracket it is evaluated too (at most 3 times)")
@@ -60,12 +60,17 @@ def proxy_success(ckpt: Path, task: str, gap: float, args: Args) -> float:
     return float(cell["mean"])
 
 
-def main(args: Args):
-    rows = json.loads((ROOT / args.learnability).read_text())
-    out = ROOT / args.out
+def read_results(out: Path) -> dict:
     result = json.loads(out.read_text()) if out.exists() else {"criterion": CRITERION, "points": [], "chosen": {}}
     if result["criterion"] != CRITERION:
         sys.exit(f"{out} was written under another criterion; a criterion never changes after its results are seen")
+    return result
+
+
+def main(args: Args):
+    rows = json.loads((ROOT / args.learnability).read_text())
+    out = ROOT / args.out
+    read_results(out)  # refuse before evaluating anything if it was written under another criterion
     for task in args.tasks:
         row = next(r for r in rows if (r["task"], r["policy"], r["attempt"]) == (task, args.policy, args.attempt))
         ckpt = ROOT / args.runs_dir / f"{task}_{args.policy}_{args.attempt}_s{row['seeds'][0]}" / "checkpoints/final"
@@ -80,6 +85,7 @@ def main(args: Args):
                 break
             a, b = brackets[-1]
             points[(a + b) / 2] = proxy_success(ckpt, task, (a + b) / 2, args)
+        result = read_results(out)  # read late: calibrations of other tasks may run side by side
         result["points"] = [p for p in result["points"] if p["task"] != task] + [
             {"task": task, "gap": g, "sim_success_pct": sim, "proxy_real_success_pct": s, "episodes": args.episodes,
              "checkpoint": str(ckpt.relative_to(ROOT))} for g, s in sorted(points.items())]

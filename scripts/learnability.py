@@ -14,15 +14,12 @@ A finished run (its checkpoints/final exists) is not trained again, only read.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import tyro
 
-ROOT = Path(__file__).resolve().parents[1]
+from study_io import ROOT, dataset_dir, run, upsert_row
 
 
 @dataclass
@@ -61,23 +58,6 @@ class Args:
     """the results file (a row per task, policy and attempt; a rerun replaces its row)"""
 
 
-def dataset_dir(data_dir: str, task: str, domain: str, episodes: int, image_size: int) -> Path:
-    """A dataset folder per task, domain, size and resolution (reproduce.py's layout at 64 px):
-    Stage I trains on every episode of the folder it is given, so attempts with other demo counts
-    must not share one."""
-    px = "" if image_size == 64 else f"_{image_size}px"
-    return ROOT / data_dir / task / f"{domain}{px}_{episodes}"
-
-
-def run(cmd: list[str]) -> float:
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.time()
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
-    return time.time() - t0
-
-
 def main(args: Args):
     py = sys.executable
     out = ROOT / args.out
@@ -114,11 +94,7 @@ def main(args: Args):
                "lr": args.lr, "ema_decay": args.ema_decay, "sim_episodes": args.sim_episodes,
                "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
-        rows = json.loads(out.read_text()) if out.exists() else []  # read late: other runs may have written
-        rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
-        rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        upsert_row(out, row)
         print(f"{task} {args.policy} {args.attempt}: sim success {row['sim_success_pct']:.1f} % "
               f"(per seed {per_seed}), {args.episodes} episodes; written to {out}", flush=True)
 

@@ -15,15 +15,12 @@ resumes.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import tyro
 
-ROOT = Path(__file__).resolve().parents[1]
+from study_io import ROOT, dataset_dir, run, upsert_row
 
 
 @dataclass
@@ -62,15 +59,6 @@ class Args:
     """the results file (a row per task, policy and attempt; a rerun replaces its row)"""
 
 
-def run(cmd: list[str]) -> float:
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.time()
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
-    return time.time() - t0
-
-
 def quarter_success(rows: list[dict]) -> tuple[float, float]:
     """Mean rollout success (first episode of every env) over the first and last quarter of iterations
     of a run's metrics.jsonl rows."""
@@ -89,8 +77,7 @@ def main(args: Args):
             sys.exit(f"no finished Stage I run at {init}: run scripts/learnability.py --tasks {task} "
                      f"--attempt {args.init_attempt} --seeds {args.init_seed} first")
         before = 100.0 * json.loads((init / "config.json").read_text())["extra"]["eval/success_sim"]
-        px = "" if args.image_size == 64 else f"_{args.image_size}px"  # learnability.py's dataset layout
-        real = ROOT / args.data_dir / task / f"proxy_real{px}_{args.real_episodes}"
+        real = dataset_dir(args.data_dir, task, "proxy_real", args.real_episodes, args.image_size)
         if not (real / "meta" / "info.json").exists():
             sys.exit(f"no dataset at {real}: scripts/learnability.py --tasks {task} makes it")
         after, walls, quarters, env_steps = [], [], [], []
@@ -120,11 +107,7 @@ def main(args: Args):
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],
                "rollout_success_last_quarter": [round(b, 3) for _, b in quarters],
                "stage2_wall_s": walls, "criterion_met": mean_after - before >= 15.0 and len(args.seeds) >= 3}
-        rows = json.loads(out.read_text()) if out.exists() else []  # read late: other runs may have written
-        rows = [r for r in rows if (r["task"], r["policy"], r.get("attempt")) != (task, args.policy, args.attempt)]
-        rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        upsert_row(out, row)
         print(f"{task} {args.policy} {args.attempt}: sim success {before:.1f} % -> {mean_after:.1f} % "
               f"(per seed {after}), {args.episodes} episodes; written to {out}", flush=True)
 

@@ -2,6 +2,7 @@
 what a row of results/ says are checked on hand-made inputs."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py"))
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if p.name != "study_io.py")  # study_io: a module
+sys.path.insert(0, str(ROOT / "scripts"))  # the scripts import study_io, as they do when run
 
 
 def load(name: str):
@@ -31,10 +33,10 @@ def test_every_script_answers_help(script):
 def test_learnability_keeps_a_dataset_folder_per_demo_count():
     # Stage I trains on every episode of the folder it is given: two demo counts sharing a folder
     # would train the smaller attempt on the bigger dataset
-    learnability = load("learnability")
-    a = learnability.dataset_dir("data", "open_drawer", "sim", 100, 64)
-    b = learnability.dataset_dir("data", "open_drawer", "sim", 300, 64)
-    c = learnability.dataset_dir("data", "open_drawer", "sim", 100, 128)
+    study_io = load("study_io")
+    a = study_io.dataset_dir("data", "open_drawer", "sim", 100, 64)
+    b = study_io.dataset_dir("data", "open_drawer", "sim", 300, 64)
+    c = study_io.dataset_dir("data", "open_drawer", "sim", 100, 128)
     assert len({a, b, c}) == 3
     assert a == ROOT / "data" / "open_drawer" / "sim_100"  # reproduce.py's layout: the datasets are shared
 
@@ -46,3 +48,23 @@ def test_rl_gain_quarters_of_the_rollout_success():
              for i, s in enumerate([0.0, 0.25, 0.5, 0.5, 0.5, 0.75, 1.0, 1.0], start=1)]
     first, last = rl_gain.quarter_success(rows)
     assert (first, last) == pytest.approx((0.125, 1.0))  # 8 iterations: quarters of 2
+
+
+def test_a_row_written_beside_another_run_keeps_both(tmp_path):
+    # two attempts run side by side: each writes its row into the file the other may have just written
+    study_io = load("study_io")
+    out = tmp_path / "rows.json"
+    study_io.upsert_row(out, {"task": "open_drawer", "policy": "pi05", "attempt": "a", "x": 1})
+    study_io.upsert_row(out, {"task": "open_drawer", "policy": "pi05", "attempt": "b", "x": 2})
+    study_io.upsert_row(out, {"task": "open_drawer", "policy": "pi05", "attempt": "a", "x": 3})  # a rerun
+    rows = json.loads(out.read_text())
+    assert sorted((r["attempt"], r["x"]) for r in rows) == [("a", 3), ("b", 2)]
+
+
+def test_gap_calibration_refuses_results_of_another_criterion(tmp_path):
+    gap_calibration = load("gap_calibration")
+    out = tmp_path / "gap.json"
+    assert gap_calibration.read_results(out)["criterion"] == gap_calibration.CRITERION
+    out.write_text(json.dumps({"criterion": "a looser band", "points": [], "chosen": {}}))
+    with pytest.raises(SystemExit, match="another criterion"):
+        gap_calibration.read_results(out)

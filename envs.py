@@ -89,6 +89,7 @@ HOME_QPOS = np.array([0.0, np.pi / 8 - 0.2, 0.0, -np.pi * 5 / 8, 0.0, np.pi * 3 
 POS_SCALE = 0.1  # metres per unit of normalized position action (pd_ee_delta_pose bounds)
 ROT_SCALE = 0.1  # radians per unit of normalized rotation action
 HOLD_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # keep still, gripper open
+HOME_YAW = 0.0  # gripper_yaw of the tcp at HOME_QPOS
 
 # --------------------------------------------------------------------------------------------
 # 2. Domains
@@ -786,14 +787,15 @@ class PushCubeEnv(TwinTaskEnv):
         above_behind = torch.cat([behind_xy, z(0.08)], dim=-1)
         behind = torch.cat([behind_xy, z(0.018)], dim=-1)
         pushed = torch.cat([cube + direction * (distance.clamp(max=0.04)[:, None] - PUSH_STANDOFF), z(0.018)], dim=-1)
-        # fingers' closing axis across the push direction: gripper yaw = push direction (mod pi)
-        yaw_now = gripper_yaw(tcp.q)
-        yaw = nearest_equivalent_yaw(torch.atan2(direction[:, 1], direction[:, 0]), yaw_now, np.pi)
+        # the closed fingertips push whatever the yaw: keep the home yaw (turning the gripper to the
+        # push direction made up to 90-degree turns whose sign flips with the layout, the largest
+        # part of a policy's imitation error)
+        yaw = nearest_equivalent_yaw(torch.full_like(cube[:, 0], HOME_YAW), gripper_yaw(tcp.q), np.pi)
         offset = tcp.p[:, :2] - cube
         lateral = (offset - (offset * direction).sum(-1, keepdim=True) * direction).norm(dim=-1)
         dist = lambda target: torch.linalg.norm(target - tcp.p, dim=-1)
 
-        self._advance((self.expert_phase == 0) & (dist(above_behind) < 0.015) & ((yaw - yaw_now).abs() < 0.1), 1)
+        self._advance((self.expert_phase == 0) & (dist(above_behind) < 0.015), 1)
         self._advance((self.expert_phase == 1) & (dist(behind) < 0.01), 2)
         self._advance((self.expert_phase == 2) & (lateral > 0.018), 3)  # off the line: back off
         self._advance((self.expert_phase == 3) & (dist(behind) < 0.012), 2)
@@ -951,8 +953,10 @@ class OpenDrawerEnv(DrawerEnv):
         """Above the handle -> down around it -> close the fingers -> pull along the drawer axis."""
         tcp = self.agent.tcp_pose
         handle, pull = self.handle_pos(), self.pull_direction()
-        # fingers close across the vertical bar along the cabinet's y axis: gripper yaw = cabinet yaw
-        yaw = nearest_equivalent_yaw(self.cabinet_yaw(), gripper_yaw(tcp.q), np.pi)
+        # the fingers straddle the round bar whatever the cabinet's small yaw (+-0.15 rad): keep the
+        # home yaw (turning the gripper to the cabinet's yaw, a few degrees hard to see in a 64 px
+        # image, was the largest imitation error of a policy's first decision)
+        yaw = nearest_equivalent_yaw(torch.full_like(handle[:, 0], HOME_YAW), gripper_yaw(tcp.q), np.pi)
         q_target = top_down_quat(yaw)
         above = handle + torch.tensor([0, 0, 0.10], device=self.device)
         at_handle = handle.clone()

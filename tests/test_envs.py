@@ -206,6 +206,27 @@ def test_expert_succeeds_in_both_domains(task):
             assert (steps < env.max_episode_steps).all()
 
 
+@pytest.mark.parametrize("task", ["push_cube", "open_drawer"])
+def test_expert_keeps_the_home_yaw(task):
+    # the closed fingertips push, and the open fingers straddle the drawer's round bar, whatever the
+    # gripper's yaw; turning it to the push direction (up to 90 degrees either way) or to the
+    # cabinet's few-degree yaw gave the demos' hardest-to-imitate actions
+    import torch
+    with envs.make_env(task, image_size=IMAGE, num_envs=1) as env:
+        obs, _ = env.reset(seed=envs.eval_seeds(3)[2])
+        yaws, actions, done = [], [], False
+        while not done:
+            yaws.append(float(envs.gripper_yaw(torch.as_tensor(obs["state"][:, 3:7]))[0]))
+            action = env.expert_action()
+            actions.append(action[0])
+            obs, _, terminated, truncated, info = env.step(action, render=False)
+            done = terminated[0] or truncated[0]
+        assert info["success"][0]
+        assert abs(yaws[0] - envs.HOME_YAW) < 1e-3  # HOME_YAW is the yaw of HOME_QPOS
+        assert np.abs(np.array(actions)[:, 5]).max() < 0.2  # no turning commands
+        assert np.abs(np.array(yaws) - envs.HOME_YAW).max() < 0.05  # radians, over the whole episode
+
+
 # ---- auto-reset and worker processes ---------------------------------------------------------
 def test_auto_reset_returns_rendered_final_observation():
     with envs.make_env("open_drawer", image_size=IMAGE, auto_reset=True) as env:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,15 @@ def test_gap_calibration_refuses_results_of_another_criterion(tmp_path):
     out.write_text(json.dumps({"criterion": "a looser band", "points": [], "chosen": {}}))
     with pytest.raises(SystemExit, match="another criterion"):
         gap_calibration.read_results(out)
+
+
+def test_failure_probe_follows_the_expert_phases(capsys):
+    # with the expert's own actions the probe must see every phase of the expert's machine reached,
+    # success, and no action error; a policy's episodes are read against the same machine
+    failure_probe = load("failure_probe")
+    records = failure_probe.probe(failure_probe.Args(checkpoint="expert", task="open_drawer", episodes=1))
+    assert records[0]["success"] and records[0]["max_expert_phase"] == 3  # above, down, close, pull
+    assert max(records[0]["mean_abs_action_error"].values()) == 0.0
+    assert "phase 3: 1" in capsys.readouterr().out
+    assert failure_probe.tilt_degrees(np.array([0.0, 1.0, 0.0, 0.0])) == pytest.approx(0.0)  # top-down
+    assert failure_probe.tilt_degrees(np.array([1.0, 0.0, 0.0, 0.0])) == pytest.approx(180.0)  # pointing up

@@ -1,0 +1,112 @@
+"""Where do a policy's sim episodes go wrong? Runs a checkpoint in the sim twin with the noise-free
+protocol and, along the policy's own trajectory, asks the scripted expert (envs.py) what it would do
+at every control step: the expert's phase machine advances on the policy's states, so an episode's
+furthest expert phase says how far it got (e.g. push_cube: 0 above the cube, 1 down behind it,
+2 pushing, 3 backing off), and |policy action - expert action| per dimension says which command
+went wrong first.
+
+    python scripts/failure_probe.py --checkpoint runs/learnability/push_cube_pi05_default_s1/checkpoints/final \\
+        --task push_cube --episodes 12 --trace 1
+    python scripts/failure_probe.py --checkpoint expert --task open_drawer     # the expert itself
+
+Prints one line per episode and writes them as JSON lines to --out when given. The expert acts from
+privileged state; its actions here are only compared, never executed (except with --checkpoint expert).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import envs  # noqa: E402
+import policies  # noqa: E402
+
+DIMS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+
+
+@dataclass
+class Args:
+    checkpoint: str
+    """policy checkpoint directory, or "expert" to run the scripted expert itself"""
+    task: str = "push_cube"
+    """task (sim domain, in_distribution)"""
+    episodes: int = 12
+    """episodes, on the evaluation initial states envs.eval_seeds(episodes)"""
+    trace: int = 0
+    """print every 4th step (phase, tcp tilt, policy and expert actions) of the first N episodes"""
+    out: Optional[str] = None
+    """also write one JSON line per episode here"""
+
+
+def tilt_degrees(q_wxyz: np.ndarray) -> float:
+    """Angle between the tcp's z axis and the world's -z (0 = pointing straight down)."""
+    w, x, y, _ = q_wxyz
+    z_axis_z = 1 - 2 * (x * x + y * y)
+    return float(np.degrees(np.arccos(np.clip(-z_axis_z, -1.0, 1.0))))
+
+
+def probe(args: Args) -> list[dict]:
+    if args.task not in envs.TASKS:
+        raise SystemExit(f"unknown task {args.task!r}; valid tasks: {', '.join(envs.TASKS)}")
+    torch.set_num_threads(1)
+    use_expert = args.checkpoint == "expert"
+    if use_expert:
+        act, horizon, image_size = None, 1, 64
+    else:
+        try:
+            policy = policies.load_policy(args.checkpoint)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e))
+        act = policies.eval_act_fn(policy, deterministic=True)
+        horizon, image_size = policy.exec_horizon, int(policy.config.get("camera_image_size", 64))
+    records = []
+    with envs.make_env(args.task, "sim", num_envs=1, image_size=image_size, num_workers=0) as env:
+        raw = env._local.envs[0]  # one in-process sub-env: its expert phase is readable
+        for k, seed in enumerate(envs.eval_seeds(args.episodes)):
+            obs, _ = env.reset(seed=[seed])
+            errors, phases, step, decision, done = [], [], 0, 0, False
+            while not done:
+                if not use_expert:
+                    if obs["image"] is None:
+                        obs = {**obs, "image": env.render_frame()}
+                    chunk = act(obs, [envs.decision_key(seed, decision)])[0]
+                for j in range(horizon):
+                    expert = np.asarray(env.expert_action())[0]  # advances the phase machine on this state
+                    action = expert if use_expert else chunk[j]
+                    phase = int(raw.expert_phase[0])
+                    phases.append(phase)
+                    errors.append(np.abs(action - expert))
+                    if k < args.trace and step % 4 == 0:
+                        print(f"  step {step:3d} phase {phase} tilt {tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy()):5.1f} deg"
+                              f"  policy {np.round(action, 2)}  expert {np.round(expert, 2)}")
+                    obs, _, terminated, truncated, info = env.step(action[None].astype(np.float32),
+                                                                   render=j == horizon - 1 and not use_expert)
+                    step += 1
+                    if terminated[0] or truncated[0]:
+                        done = True
+                        break
+                decision += 1
+            error = np.mean(errors, axis=0)
+            record = {"seed": int(seed), "success": bool(info["success"][0]), "steps": step,
+                      "max_expert_phase": max(phases), "mean_abs_action_error": dict(zip(DIMS, np.round(error, 3).tolist()))}
+            records.append(record)
+            print(f"seed {seed}: {'success' if record['success'] else 'fail'} after {step} steps, furthest expert phase "
+                  f"{record['max_expert_phase']}, mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
+                  flush=True)
+    phases = np.bincount([r["max_expert_phase"] for r in records])
+    print(f"\nsuccess {sum(r['success'] for r in records)}/{len(records)}; episodes by furthest expert phase: "
+          + ", ".join(f"phase {p}: {n}" for p, n in enumerate(phases) if n))
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+if __name__ == "__main__":
+    probe(tyro.cli(Args))

@@ -966,7 +966,9 @@ class OpenDrawerEnv(DrawerEnv):
 
         self._advance((self.expert_phase == 0) & (dist(above) < 0.02), 1)
         self._advance((self.expert_phase == 1) & (dist(at_handle) < 0.012), 2)
-        self._advance((self.expert_phase == 2) & (self.expert_timer >= 3), 3)
+        # pull once the fingers hold the bar (the gripper's opening, in the policy's state, shows it),
+        # not after a fixed wait: a still, closed gripper that waits and one that pulls would look alike
+        self._advance((self.expert_phase == 2) & (self.agent.is_grasping(self.drawer_link) | (self.expert_timer >= 5)), 3)
         phase = self.expert_phase
         target = torch.where((phase == 0)[:, None], above, torch.where((phase <= 2)[:, None], at_handle, pulled))
         gripper = torch.where(phase >= 2, -1.0, 1.0).to(self.device)

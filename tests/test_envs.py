@@ -227,6 +227,24 @@ def test_expert_keeps_the_home_yaw(task):
         assert np.abs(np.array(yaws) - envs.HOME_YAW).max() < 0.05  # radians, over the whole episode
 
 
+def test_open_drawer_expert_never_waits_with_closed_still_fingers():
+    # a closed, still gripper that waits and one about to pull look alike to a policy (it sees the
+    # gripper's opening, not a timer): the expert pulls as soon as the fingers stop closing
+    with envs.make_env("open_drawer", image_size=IMAGE, num_envs=1) as env:
+        obs, _ = env.reset(seed=envs.eval_seeds(2)[1])
+        openings, actions, done = [float(obs["state"][0, 7])], [], False
+        while not done:
+            action = env.expert_action()
+            obs, _, terminated, truncated, info = env.step(action, render=False)
+            actions.append(action[0])
+            openings.append(float(obs["state"][0, 7]))
+            done = terminated[0] or truncated[0]
+        assert info["success"][0]
+        for t, a in enumerate(actions):
+            if a[6] < 0 and np.linalg.norm(a[:3]) < 0.05:  # closing and (nearly) still
+                assert openings[t + 1] < openings[t] - 1e-4, f"step {t}: waits with closed, still fingers"
+
+
 # ---- auto-reset and worker processes ---------------------------------------------------------
 def test_auto_reset_returns_rendered_final_observation():
     with envs.make_env("open_drawer", image_size=IMAGE, auto_reset=True) as env:

@@ -18,6 +18,7 @@ from pathlib import Path
 import tyro
 
 from study_io import ROOT
+
 CRITERION = ("the largest gap of the grid at which the sim-only (alpha = 1) policy, >= 80 % successful in sim, "
              "succeeds in 5-25 % of 50 proxy_real episodes (noise-free protocol); where no grid point falls in "
              "that band, the midpoint of the two gaps that bracket it is evaluated too (at most 3 times)")

@@ -28,6 +28,21 @@ def run_expert(env, max_steps=None):
     return success, steps, np.array(rewards)
 
 
+def expert_episode(task, seed):
+    """One episode of the scripted expert in a single env, without rendering: (states [T + 1, 8],
+    actions [T, 7], success)."""
+    with envs.make_env(task, image_size=IMAGE, num_envs=1) as env:
+        obs, _ = env.reset(seed=seed)
+        states, actions, done = [obs["state"][0]], [], False
+        while not done:
+            action = env.expert_action()
+            obs, _, terminated, truncated, info = env.step(action, render=False)
+            states.append(obs["state"][0])
+            actions.append(action[0])
+            done = terminated[0] or truncated[0]
+    return np.array(states), np.array(actions), bool(info["success"][0])
+
+
 # ---- seeds ----------------------------------------------------------------------------------
 def test_eval_seeds_are_disjoint_from_training_seeds():
     evaluation = set(envs.eval_seeds(1000))
@@ -212,37 +227,23 @@ def test_expert_keeps_the_home_yaw(task):
     # gripper's yaw; turning it to the push direction (up to 90 degrees either way) or to the
     # cabinet's few-degree yaw gave the demos' hardest-to-imitate actions
     import torch
-    with envs.make_env(task, image_size=IMAGE, num_envs=1) as env:
-        obs, _ = env.reset(seed=envs.eval_seeds(3)[2])
-        yaws, actions, done = [], [], False
-        while not done:
-            yaws.append(float(envs.gripper_yaw(torch.as_tensor(obs["state"][:, 3:7]))[0]))
-            action = env.expert_action()
-            actions.append(action[0])
-            obs, _, terminated, truncated, info = env.step(action, render=False)
-            done = terminated[0] or truncated[0]
-        assert info["success"][0]
-        assert abs(yaws[0] - envs.HOME_YAW) < 1e-3  # HOME_YAW is the yaw of HOME_QPOS
-        assert np.abs(np.array(actions)[:, 5]).max() < 0.2  # no turning commands
-        assert np.abs(np.array(yaws) - envs.HOME_YAW).max() < 0.05  # radians, over the whole episode
+    states, actions, success = expert_episode(task, envs.eval_seeds(3)[2])
+    assert success
+    yaws = envs.gripper_yaw(torch.as_tensor(states[:, 3:7])).numpy()
+    assert abs(yaws[0] - envs.HOME_YAW) < 1e-3  # HOME_YAW is the yaw of HOME_QPOS
+    assert np.abs(actions[:, 5]).max() < 0.2  # no turning commands
+    assert np.abs(yaws - envs.HOME_YAW).max() < 0.05  # radians, over the whole episode
 
 
 def test_open_drawer_expert_never_waits_with_closed_still_fingers():
     # a closed, still gripper that waits and one about to pull look alike to a policy (it sees the
     # gripper's opening, not a timer): the expert pulls as soon as the fingers stop closing
-    with envs.make_env("open_drawer", image_size=IMAGE, num_envs=1) as env:
-        obs, _ = env.reset(seed=envs.eval_seeds(2)[1])
-        openings, actions, done = [float(obs["state"][0, 7])], [], False
-        while not done:
-            action = env.expert_action()
-            obs, _, terminated, truncated, info = env.step(action, render=False)
-            actions.append(action[0])
-            openings.append(float(obs["state"][0, 7]))
-            done = terminated[0] or truncated[0]
-        assert info["success"][0]
-        for t, a in enumerate(actions):
-            if a[6] < 0 and np.linalg.norm(a[:3]) < 0.05:  # closing and (nearly) still
-                assert openings[t + 1] < openings[t] - 1e-4, f"step {t}: waits with closed, still fingers"
+    states, actions, success = expert_episode("open_drawer", envs.eval_seeds(2)[1])
+    assert success
+    openings = states[:, 7]
+    for t, a in enumerate(actions):
+        if a[6] < 0 and np.linalg.norm(a[:3]) < 0.05:  # closing and (nearly) still
+            assert openings[t + 1] < openings[t] - 1e-4, f"step {t}: waits with closed, still fingers"
 
 
 # ---- auto-reset and worker processes ---------------------------------------------------------

@@ -2,8 +2,10 @@
 protocol and, along the policy's own trajectory, asks the scripted expert (envs.py) what it would do
 at every control step: the expert's phase machine advances on the policy's states, so an episode's
 furthest expert phase says how far it got (e.g. push_cube: 0 above the cube, 1 down behind it,
-2 pushing, 3 backing off), and |policy action - expert action| per dimension says which command
-went wrong first.
+2 pushing, 3 backing off), |policy action - expert action| per dimension says which command
+went wrong first, and the tcp's closest approach (in the table plane) to each object it could
+have gone for says where it went instead (push_cube: each of the three cubes and which one was
+named; pick_and_place: the object's grasp point; the drawers: the handle).
 
     python scripts/failure_probe.py --checkpoint runs/learnability/push_cube_pi05_default_s1/checkpoints/final \\
         --task push_cube --episodes 12 --trace 1
@@ -52,6 +54,16 @@ def tilt_degrees(q_wxyz: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(-z_axis_z, -1.0, 1.0))))
 
 
+def object_xy_distances(raw, task: str) -> tuple[np.ndarray, int]:
+    """The tcp's distance in the table plane to each object of the task, and the index of the one
+    the instruction names (push_cube: the three cubes; other tasks: their one object)."""
+    tcp = raw.agent.tcp_pose.p[0, :2]
+    if task == "push_cube":
+        return torch.linalg.norm(raw.cube_xy()[0] - tcp, dim=-1).cpu().numpy(), int(raw.target[0])
+    point = raw.grasp_point(raw.object_pose()) if task == "pick_and_place" else raw.handle_pos()
+    return torch.linalg.norm(point[0, :2] - tcp, dim=-1, keepdim=True).cpu().numpy(), 0
+
+
 def probe(args: Args) -> list[dict]:
     if args.task not in envs.TASKS:
         raise SystemExit(f"unknown task {args.task!r}; valid tasks: {', '.join(envs.TASKS)}")
@@ -72,6 +84,7 @@ def probe(args: Args) -> list[dict]:
         for k, seed in enumerate(envs.eval_seeds(args.episodes)):
             obs, _ = env.reset(seed=[seed])
             errors, phases, step, decision, done = [], [], 0, 0, False
+            closest, named = object_xy_distances(raw, args.task)
             while not done:
                 if not use_expert:
                     if obs["image"] is None:
@@ -82,6 +95,7 @@ def probe(args: Args) -> list[dict]:
                     action = expert if use_expert else chunk[j]
                     phase = int(raw.expert_phase[0])
                     phases.append(phase)
+                    closest = np.minimum(closest, object_xy_distances(raw, args.task)[0])
                     errors.append(np.abs(action - expert))
                     if k < args.trace and step % 4 == 0:
                         print(f"  step {step:3d} phase {phase} tilt {tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy()):5.1f} deg"
@@ -95,14 +109,18 @@ def probe(args: Args) -> list[dict]:
                 decision += 1
             error = np.mean(errors, axis=0)
             record = {"seed": int(seed), "success": bool(info["success"][0]), "steps": step,
-                      "max_expert_phase": max(phases), "mean_abs_action_error": dict(zip(DIMS, np.round(error, 3).tolist()))}
+                      "max_expert_phase": max(phases),
+                      "closest_xy_cm": np.round(100 * closest.astype(float), 1).tolist(), "named_object": named,
+                      "went_to_named": bool(np.argmin(closest) == named), "mean_abs_action_error": dict(zip(DIMS, np.round(error, 3).tolist()))}
             records.append(record)
             print(f"seed {seed}: {'success' if record['success'] else 'fail'} after {step} steps, furthest expert phase "
-                  f"{record['max_expert_phase']}, mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
+                  f"{record['max_expert_phase']}, closest approach (cm) {record['closest_xy_cm']} (named: {named}), "
+              f"mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
                   flush=True)
     phases = np.bincount([r["max_expert_phase"] for r in records])
     print(f"\nsuccess {sum(r['success'] for r in records)}/{len(records)}; episodes by furthest expert phase: "
-          + ", ".join(f"phase {p}: {n}" for p, n in enumerate(phases) if n))
+          + ", ".join(f"phase {p}: {n}" for p, n in enumerate(phases) if n)
+          + f"; closest to the named object in {sum(r['went_to_named'] for r in records)}")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     return records

@@ -79,5 +79,16 @@ def test_failure_probe_follows_the_expert_phases(capsys):
     assert records[0]["success"] and records[0]["max_expert_phase"] == 3  # above, down, close, pull
     assert max(records[0]["mean_abs_action_error"].values()) == 0.0
     assert "phase 3: 1" in capsys.readouterr().out
+    assert records[0]["closest_xy_cm"][0] < 1.5  # the fingers closed on the handle
     assert failure_probe.tilt_degrees(np.array([0.0, 1.0, 0.0, 0.0])) == pytest.approx(0.0)  # top-down
     assert failure_probe.tilt_degrees(np.array([1.0, 0.0, 0.0, 0.0])) == pytest.approx(180.0)  # pointing up
+
+
+def test_failure_probe_sees_which_cube_the_episode_went_for():
+    # the expert pushes the named cube: the tcp comes closest to it (a few cm behind it), and stays
+    # far from the other two (12 cm apart in the row)
+    failure_probe = load("failure_probe")
+    record = failure_probe.probe(failure_probe.Args(checkpoint="expert", task="push_cube", episodes=1))[0]
+    named, closest = record["named_object"], record["closest_xy_cm"]
+    assert record["success"] and record["went_to_named"] and len(closest) == 3
+    assert closest[named] < 6.0 and min(c for i, c in enumerate(closest) if i != named) > 8.0

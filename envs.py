@@ -471,7 +471,9 @@ class TwinTaskEnv(BaseEnv):
 TRAIN_SHAPES = ("cube", "cylinder", "ball", "block")
 UNSEEN_SHAPES = ("capsule", "dumbbell", "tee", "bottle")
 SHAPES = {
-    "cube": dict(name="cube", rest_z=0.02, grasp=(0, 0, 0), close_yaw=np.pi / 2, period=np.pi / 2,
+    # the 4 cm cube fits the open fingers (8 cm) at any yaw, its diagonal too: no turn (turning to a
+    # cube's yaw, a few degrees hard to see in a 64 px image, is a decision a policy cannot imitate)
+    "cube": dict(name="cube", rest_z=0.02, grasp=(0, 0, 0), close_yaw=np.pi / 2, period=None,
                  parts=[("box", (0.02, 0.02, 0.02), (0, 0, 0))]),
     "cylinder": dict(name="cylinder", rest_z=0.03, grasp=(0, 0, 0.005), close_yaw=0.0, period=None,
                      parts=[("cylinder_z", (0.02, 0.03), (0, 0, 0))]),
@@ -659,7 +661,8 @@ class PickAndPlaceEnv(TwinTaskEnv):
 
         self._advance((self.expert_phase == 0) & (dist(above_object) < 0.015) & (yaw_err < 0.08), 1)
         self._advance((self.expert_phase == 1) & (dist(grasp) < 0.01), 2)
-        self._advance((self.expert_phase == 2) & (self.expert_timer >= 3), 3)
+        # lift once the fingers hold the object, not after a fixed wait (as open_drawer's expert)
+        self._advance((self.expert_phase == 2) & (self.object_grasped() | (self.expert_timer >= 5)), 3)
         self._advance((self.expert_phase == 3) & (tcp.p[:, 2] > CARRY_Z - 0.02), 4)
         self._advance((self.expert_phase == 4) & (xy_dist(above_box) < 0.015), 5)
         self._advance((self.expert_phase == 5) & (dist(release) < 0.015), 6)

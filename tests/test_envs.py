@@ -221,13 +221,18 @@ def test_expert_succeeds_in_both_domains(task):
             assert (steps < env.max_episode_steps).all()
 
 
-@pytest.mark.parametrize("task", ["push_cube", "open_drawer"])
-def test_expert_keeps_the_home_yaw(task):
-    # the closed fingertips push, and the open fingers straddle the drawer's round bar, whatever the
-    # gripper's yaw; turning it to the push direction (up to 90 degrees either way) or to the
-    # cabinet's few-degree yaw gave the demos' hardest-to-imitate actions
+@pytest.mark.parametrize("task,seed_index", [("push_cube", 2), ("open_drawer", 2), ("pick_and_place", 36)])
+def test_expert_keeps_the_home_yaw(task, seed_index):
+    # the closed fingertips push, the open fingers straddle the drawer's round bar, and they close
+    # on the 4 cm cube, whatever the gripper's yaw; turning it to the push direction (up to 90
+    # degrees either way), to the cabinet's or to the cube's yaw gave the demos' hardest-to-imitate
+    # actions. (pick_and_place's evaluation seed 36: the cube, turned by -0.76 rad, near 45 degrees)
     import torch
-    states, actions, success = expert_episode(task, envs.eval_seeds(3)[2])
+    seed = envs.eval_seeds(seed_index + 1)[seed_index]
+    if task == "pick_and_place":
+        with envs.make_env(task, image_size=IMAGE) as env:
+            assert env.reset(seed=seed)[0]["instruction"] == ["put the cube in the box"]
+    states, actions, success = expert_episode(task, seed)
     assert success
     yaws = envs.gripper_yaw(torch.as_tensor(states[:, 3:7])).numpy()
     assert abs(yaws[0] - envs.HOME_YAW) < 1e-3  # HOME_YAW is the yaw of HOME_QPOS
@@ -244,6 +249,19 @@ def test_open_drawer_expert_never_waits_with_closed_still_fingers():
     for t, a in enumerate(actions):
         if a[6] < 0 and np.linalg.norm(a[:3]) < 0.05:  # closing and (nearly) still
             assert openings[t + 1] < openings[t] - 1e-4, f"step {t}: waits with closed, still fingers"
+
+
+def test_pick_expert_lifts_once_the_fingers_hold():
+    # as open_drawer's: no wait with closed, still fingers before the lift (a policy sees the
+    # gripper's opening, not the expert's timer)
+    for seed in envs.eval_seeds(3):
+        states, actions, success = expert_episode("pick_and_place", seed)
+        assert success
+        openings = states[:, 7]
+        t = int(np.argmax(actions[:, 6] < 0))  # the first closing command
+        while openings[t + 1] < openings[t] - 1e-4:  # the fingers are still closing
+            t += 1
+        assert actions[t, 2] > 0.1, f"seed {seed}, step {t}: fingers stopped, the expert does not lift"
 
 
 # ---- auto-reset and worker processes ---------------------------------------------------------

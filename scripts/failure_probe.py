@@ -5,7 +5,9 @@ furthest expert phase says how far it got (e.g. push_cube: 0 above the cube, 1 d
 2 pushing, 3 backing off), |policy action - expert action| per dimension says which command
 went wrong first, and the tcp's closest approach (in the table plane) to each object it could
 have gone for says where it went instead (push_cube: each of the three cubes and which one was
-named; pick_and_place: the object's grasp point; the drawers: the handle).
+named; pick_and_place: the object's grasp point; the drawers: the handle). For push_cube it also
+asks the policy for its first action with another cube named: a policy that reads its instruction
+changes it (the lateral command by up to 0.4 between slots).
 
     python scripts/failure_probe.py --checkpoint runs/learnability/push_cube_pi05_default_s1/checkpoints/final \\
         --task push_cube --episodes 12 --trace 1
@@ -41,6 +43,9 @@ class Args:
     """task (sim domain, in_distribution)"""
     episodes: int = 12
     """episodes, on the evaluation initial states envs.eval_seeds(episodes)"""
+    train_states: bool = False
+    """start from the training initial states envs.train_seed(0 .. episodes - 1) instead (those of
+    the first demos): does the policy reproduce its own demos?"""
     trace: int = 0
     """print every 4th step (phase, tcp tilt, policy and expert actions) of the first N episodes"""
     out: Optional[str] = None
@@ -81,7 +86,8 @@ def probe(args: Args) -> list[dict]:
     records = []
     with envs.make_env(args.task, "sim", num_envs=1, image_size=image_size, num_workers=0) as env:
         raw = env._local.envs[0]  # one in-process sub-env: its expert phase is readable
-        for k, seed in enumerate(envs.eval_seeds(args.episodes)):
+        seeds = [envs.train_seed(i) for i in range(args.episodes)] if args.train_states else envs.eval_seeds(args.episodes)
+        for k, seed in enumerate(seeds):
             obs, _ = env.reset(seed=[seed])
             errors, phases, step, decision, done = [], [], 0, 0, False
             closest, named = object_xy_distances(raw, args.task)
@@ -90,6 +96,12 @@ def probe(args: Args) -> list[dict]:
                     if obs["image"] is None:
                         obs = {**obs, "image": env.render_frame()}
                     chunk = act(obs, [envs.decision_key(seed, decision)])[0]
+                    if decision == 0 and args.task == "push_cube":  # does naming another cube change it?
+                        named = obs["instruction"][0].split()[2]
+                        other = next(c for c in raw.colours if c != named)
+                        swapped = act({**obs, "instruction": [obs["instruction"][0].replace(named, other)]},
+                                      [envs.decision_key(seed, decision)])[0]
+                        first_change = np.abs(swapped[0] - chunk[0])[:3]
                 for j in range(horizon):
                     expert = np.asarray(env.expert_action())[0]  # advances the phase machine on this state
                     action = expert if use_expert else chunk[j]
@@ -112,6 +124,8 @@ def probe(args: Args) -> list[dict]:
                       "max_expert_phase": max(phases),
                       "closest_xy_cm": np.round(100 * closest.astype(float), 1).tolist(), "named_object": named,
                       "went_to_named": bool(np.argmin(closest) == named), "mean_abs_action_error": dict(zip(DIMS, np.round(error, 3).tolist()))}
+            if not use_expert and args.task == "push_cube":
+                record["first_xyz_change_other_cube_named"] = np.round(first_change.astype(float), 3).tolist()
             records.append(record)
             print(f"seed {seed}: {'success' if record['success'] else 'fail'} after {step} steps, furthest expert phase "
                   f"{record['max_expert_phase']}, closest approach (cm) {record['closest_xy_cm']} (named: {named}), "
@@ -121,6 +135,10 @@ def probe(args: Args) -> list[dict]:
     print(f"\nsuccess {sum(r['success'] for r in records)}/{len(records)}; episodes by furthest expert phase: "
           + ", ".join(f"phase {p}: {n}" for p, n in enumerate(phases) if n)
           + f"; closest to the named object in {sum(r['went_to_named'] for r in records)}")
+    changes = [r["first_xyz_change_other_cube_named"] for r in records if "first_xyz_change_other_cube_named" in r]
+    if changes:
+        print("first action, mean |change| of dx dy dz with another cube named: "
+              + " ".join(f"{c:.3f}" for c in np.mean(changes, axis=0)))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     return records

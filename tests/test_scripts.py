@@ -92,3 +92,26 @@ def test_failure_probe_sees_which_cube_the_episode_went_for():
     named, closest = record["named_object"], record["closest_xy_cm"]
     assert record["success"] and record["went_to_named"] and len(closest) == 3
     assert closest[named] < 6.0 and min(c for i, c in enumerate(closest) if i != named) > 8.0
+
+
+def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
+    # a stand-in policy whose lateral command follows the word "red": naming another cube changes
+    # its first dy by 0.4 (red is one of the two colours of every swap), and nothing else
+    failure_probe = load("failure_probe")
+
+    class ReadsRed:
+        exec_horizon, config = 4, {"camera_image_size": 64}
+
+    def act_fn(policy, deterministic):
+        def act(obs, keys):
+            chunk = np.zeros((1, 4, 7), np.float32)
+            chunk[..., 1] = 0.2 if "red" in obs["instruction"][0] else -0.2
+            return chunk
+        return act
+
+    monkeypatch.setattr(failure_probe.policies, "load_policy", lambda path: ReadsRed())
+    monkeypatch.setattr(failure_probe.policies, "eval_act_fn", act_fn)
+    record = failure_probe.probe(failure_probe.Args(checkpoint="stand-in", task="push_cube", episodes=1,
+                                                    train_states=True))[0]
+    assert record["seed"] == failure_probe.envs.train_seed(0)
+    assert record["first_xyz_change_other_cube_named"] == pytest.approx([0.0, 0.4, 0.0])

@@ -115,3 +115,31 @@ def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
                                                     train_states=True))[0]
     assert record["seed"] == failure_probe.envs.train_seed(0)
     assert record["first_xyz_change_other_cube_named"] == pytest.approx([0.0, 0.4, 0.0])
+
+
+def test_grounding_probe_scores_whether_the_named_cube_is_read():
+    # a stand-in policy whose first dy follows the word "red" (+0.2, else -0.2), on three frames
+    # whose expert dy it matches: no error, full correlation, and a change only where the swap
+    # (red -> green -> blue -> red) adds or removes "red"
+    import torch
+    grounding_probe = load("grounding_probe")
+    assert grounding_probe.other_cube_named("push the blue cube to the goal") == "push the red cube to the goal"
+
+    class ReadsRed:
+        def act(self, obs, deterministic, x0_seeds):
+            actions = torch.zeros(len(obs["instruction"]), 4, 7)
+            actions[:, :, 1] = torch.tensor([0.2 if "red" in t else -0.2 for t in obs["instruction"]])[:, None]
+            return {"actions": actions}
+
+    samples = [{"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(8, np.float32),
+                "instruction": f"push the {c} cube to the goal", "action_mask": np.ones(4, bool),
+                "actions": np.full((4, 7), 0.2 if c == "red" else -0.2, np.float32)} for c in ("red", "green", "blue")]
+    scores = grounding_probe.first_action_scores(ReadsRed(), samples)
+    assert scores["dy_error"] == pytest.approx(0.0, abs=1e-6) and scores["corr"] == pytest.approx(1.0)
+    assert scores["change"] == pytest.approx(0.8 / 3)
+
+
+def test_grounding_probe_refuses_other_demos(tiny_data):
+    grounding_probe = load("grounding_probe")
+    with pytest.raises(SystemExit, match="push_cube"):
+        grounding_probe.main(grounding_probe.Args(data=str(tiny_data["sim"]), steps=1))

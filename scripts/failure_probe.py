@@ -97,9 +97,9 @@ def probe(args: Args) -> list[dict]:
                         obs = {**obs, "image": env.render_frame()}
                     chunk = act(obs, [envs.decision_key(seed, decision)])[0]
                     if decision == 0 and args.task == "push_cube":  # does naming another cube change it?
-                        named = obs["instruction"][0].split()[2]
-                        other = next(c for c in raw.colours if c != named)
-                        swapped = act({**obs, "instruction": [obs["instruction"][0].replace(named, other)]},
+                        named_colour = obs["instruction"][0].split()[2]
+                        other = next(c for c in raw.colours if c != named_colour)
+                        swapped = act({**obs, "instruction": [obs["instruction"][0].replace(named_colour, other)]},
                                       [envs.decision_key(seed, decision)])[0]
                         first_change = np.abs(swapped[0] - chunk[0])[:3]
                 for j in range(horizon):
@@ -129,7 +129,7 @@ def probe(args: Args) -> list[dict]:
             records.append(record)
             print(f"seed {seed}: {'success' if record['success'] else 'fail'} after {step} steps, furthest expert phase "
                   f"{record['max_expert_phase']}, closest approach (cm) {record['closest_xy_cm']} (named: {named}), "
-              f"mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
+                  f"mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
                   flush=True)
     phases = np.bincount([r["max_expert_phase"] for r in records])
     print(f"\nsuccess {sum(r['success'] for r in records)}/{len(records)}; episodes by furthest expert phase: "

@@ -115,6 +115,9 @@ def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
                                                     train_states=True))[0]
     assert record["seed"] == failure_probe.envs.train_seed(0)
     assert record["first_xyz_change_other_cube_named"] == pytest.approx([0.0, 0.4, 0.0])
+    # the named cube is still an index (the swap must not replace it), read against the distances
+    assert record["named_object"] in (0, 1, 2)
+    assert record["went_to_named"] == (int(np.argmin(record["closest_xy_cm"])) == record["named_object"])
 
 
 def test_grounding_probe_scores_whether_the_named_cube_is_read():

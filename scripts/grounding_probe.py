@@ -27,9 +27,8 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demos  # noqa: E402
 import policies  # noqa: E402
+from envs import TRAIN_COLOURS as COLOURS  # noqa: E402  (the three cubes of the training variant)
 from stage1_sft_cotrain import merge_stats, parse_overrides  # noqa: E402
-
-COLOURS = ("red", "green", "blue")
 
 
 @dataclass

@@ -107,6 +107,9 @@ def _model_defaults(kind: str, size: str) -> dict:
             num_steps=4,          # K: Euler steps of the denoising chain, sampled (ReinFlow) and noise-free alike
             sigma_min=0.08, sigma_max=0.16,  # noise-std bounds (RLinf's flow_noise defaults)
             noise_hidden=128, value_hidden=(512, 128),
+            # openpi's Pi0Config.discrete_state_input: True (pi0.5) writes the state into the prompt
+            # as 256-bin tokens; False gives pi0.5 no state at all (its prompt is pi0's text format)
+            discrete_state_input=True,
         )
         if size == "tiny":
             # ~2.2M parameters, 16 image tokens, 2-layer Gemma VLM and expert
@@ -795,6 +798,9 @@ class Pi05Policy(Policy):
 
     # ---- prefix: [image tokens, BOS + prompt with state tokens (left-padded)], bidirectional ----
     def _prompts(self, state, instructions):
+        if not self.config["model"].get("discrete_state_input", True):
+            # openpi PaligemmaTokenizer.tokenize with state=None: the cleaned text, then "\n"
+            return [i.strip().replace("_", " ").replace("\n", " ") + "\n" for i in instructions]
         state = self.normalize_state(state)
         if self.max_state_dim > self.state_dim:
             state = F.pad(state, (0, self.max_state_dim - self.state_dim))

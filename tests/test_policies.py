@@ -244,6 +244,25 @@ def test_pi05_state_tokens_follow_openpi_binning(pi05):
         assert prompt == f"Task: pick up the cube, State: {' '.join(map(str, row))};\nAction: "
 
 
+def test_pi05_without_discrete_state_input_ignores_the_state():
+    # openpi's discrete_state_input=False: pi0's text prompt, no state anywhere in the model
+    policy = new_policy("pi05", discrete_state_input=False).eval()
+    state = torch.zeros(2, 8)
+    assert policy._prompts(state, ["pick_up the cube", "open the drawer"]) == ["pick up the cube\n", "open the drawer\n"]
+    obs, moved = make_obs(2), make_obs(2)
+    moved["state"] = moved["state"] + 0.5
+    with torch.no_grad():
+        a = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["actions"]
+        b = policy.act(moved, deterministic=True, x0_seeds=[1, 2])["actions"]
+    assert torch.equal(a, b)
+    # the default policy, same weights, reads the state: the same change moves its actions
+    policy.config["model"]["discrete_state_input"] = True
+    with torch.no_grad():
+        c = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["actions"]
+        d = policy.act(moved, deterministic=True, x0_seeds=[1, 2])["actions"]
+    assert (c - d).abs().max() > 1e-3
+
+
 def test_pi05_flow_matching_loss_by_hand():
     """sft_loss = masked mean of (v(x_t, t) - (noise - a))^2 with t = u^(1/1.5) * 0.999 + 0.001."""
     policy = new_policy("pi05")

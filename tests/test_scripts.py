@@ -120,10 +120,11 @@ def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
     assert record["went_to_named"] == (int(np.argmin(record["closest_xy_cm"])) == record["named_object"])
 
 
-def test_grounding_probe_scores_whether_the_named_cube_is_read():
-    # a stand-in policy whose first dy follows the word "red" (+0.2, else -0.2), on three frames
-    # whose expert dy it matches: no error, full correlation, and a change only where the swap
-    # (red -> green -> blue -> red) adds or removes "red"
+def test_grounding_probe_scores_whether_the_frame_and_the_named_cube_are_read():
+    # a stand-in policy whose first dx reads the image (pixel value / 100) and whose first dy
+    # follows the word "red" (+0.2, else -0.2), on three frames whose expert actions it matches: no
+    # error, full correlation, and a change only where the swap (red -> green -> blue -> red) adds
+    # or removes "red"
     import torch
     grounding_probe = load("grounding_probe")
     assert grounding_probe.other_cube_named("push the blue cube to the goal") == "push the red cube to the goal"
@@ -131,18 +132,32 @@ def test_grounding_probe_scores_whether_the_named_cube_is_read():
     class ReadsRed:
         def act(self, obs, deterministic, x0_seeds):
             actions = torch.zeros(len(obs["instruction"]), 4, 7)
+            actions[:, :, 0] = torch.as_tensor(obs["image"])[:, 0, 0, 0].float()[:, None] / 100
             actions[:, :, 1] = torch.tensor([0.2 if "red" in t else -0.2 for t in obs["instruction"]])[:, None]
             return {"actions": actions}
 
-    samples = [{"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(8, np.float32),
-                "instruction": f"push the {c} cube to the goal", "action_mask": np.ones(4, bool),
-                "actions": np.full((4, 7), 0.2 if c == "red" else -0.2, np.float32)} for c in ("red", "green", "blue")]
-    scores = grounding_probe.first_action_scores(ReadsRed(), samples)
-    assert scores["dy_error"] == pytest.approx(0.0, abs=1e-6) and scores["corr"] == pytest.approx(1.0)
+    def frame(pixel, instruction, dy):
+        actions = np.zeros((4, 7), np.float32)
+        actions[:, 0], actions[:, 1] = pixel / 100, dy
+        return {"image": np.full((8, 8, 3), pixel, np.uint8), "state": np.zeros(8, np.float32),
+                "instruction": instruction, "action_mask": np.ones(4, bool), "actions": actions}
+
+    push = [frame(10 * k, f"push the {c} cube to the goal", 0.2 if c == "red" else -0.2)
+            for k, c in enumerate(("red", "green", "blue"))]
+    scores = grounding_probe.first_action_scores(ReadsRed(), push)
+    for name in ("dx", "dy"):
+        assert scores[f"{name}_error"] == pytest.approx(0.0, abs=1e-6) and scores[f"{name}_corr"] == pytest.approx(1.0)
     assert scores["change"] == pytest.approx(0.8 / 3)
+    # pick_and_place frames: no cube is named, so no change is scored; a wrong dx is
+    pick = [frame(10 * k, "put the cube in the box", -0.2) for k in range(3)]
+    for sample in pick:
+        sample["actions"][:, 0] += 0.05
+    scores = grounding_probe.first_action_scores(ReadsRed(), pick)
+    assert scores["change"] is None and scores["dx_error"] == pytest.approx(0.05, abs=1e-6)
+    assert scores["dx_corr"] == pytest.approx(1.0) and np.isnan(scores["dy_corr"])  # a constant dy has no correlation
 
 
 def test_grounding_probe_refuses_other_demos(tiny_data):
     grounding_probe = load("grounding_probe")
-    with pytest.raises(SystemExit, match="push_cube"):
+    with pytest.raises(SystemExit, match="push_cube or pick_and_place"):
         grounding_probe.main(grounding_probe.Args(data=str(tiny_data["sim"]), steps=1))

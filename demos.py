@@ -737,10 +737,15 @@ class AlphaMixer:
 
     alpha = 1 needs no real dataset and alpha = 0 no sim dataset (pass None). state_dict()
     holds the generator state: load_state_dict() on a fresh mixer reproduces the same batches.
+
+    start_frames, start_weight: within a dataset, the first start_frames frames of every episode
+    are drawn start_weight times as often as the others (default 0, 1: uniform). A lever of the
+    miniature, not of the paper: the first decision is the one frame where only the image and the
+    instruction say where to go (later frames show the motion already made).
     """
 
     def __init__(self, sim_ds, real_ds, alpha: float, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, start_frames: int = 0, start_weight: float = 1.0):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if alpha > 0 and not sim_ds:
@@ -757,17 +762,27 @@ class AlphaMixer:
         self.alpha, self.batch_size = float(alpha), int(batch_size)
         self.rng = np.random.default_rng(seed)
         self.batches_drawn = 0
+        if start_frames < 0 or start_weight <= 0:
+            raise ValueError(f"start_frames must be >= 0 and start_weight > 0, got {start_frames}, {start_weight}")
+        self.cdf = {}  # id(dataset) -> cumulative frame probabilities (None: uniform)
+        for ds in (sim_ds, real_ds):
+            if ds and start_frames > 0 and start_weight != 1.0:
+                position = np.arange(len(ds)) - (ds.episode_end - ds.episode_length)  # frame within its episode
+                weights = np.where(position < start_frames, start_weight, 1.0)
+                self.cdf[id(ds)] = np.cumsum(weights) / weights.sum()
 
     def next_batch(self):
         """(this process's part of the batch as collate() makes it, is_sim bool [B] of the
         whole global batch)."""
         # the same random numbers are drawn whatever alpha is, so runs differ only in the mix
         is_sim = self.rng.random(self.batch_size) < self.alpha        # Eq. 4: P(sim) = alpha
-        position = self.rng.random(self.batch_size)                    # uniform within a dataset
+        position = self.rng.random(self.batch_size)                    # uniform within a dataset (or start-weighted)
         samples = []
         for from_sim, u in zip(is_sim[self.mine], position[self.mine]):
             ds = self.sim_ds if from_sim else self.real_ds
-            samples.append(ds[min(int(u * len(ds)), len(ds) - 1)])
+            cdf = self.cdf.get(id(ds))
+            i = min(int(u * len(ds)) if cdf is None else int(np.searchsorted(cdf, u, side="right")), len(ds) - 1)
+            samples.append(ds[i])
         self.batches_drawn += 1
         return collate(samples), is_sim
 

@@ -67,6 +67,10 @@ class Args:
     """dataset feature holding the action"""
     chunk_size: Optional[int] = None
     """action-chunk length H (default: the policy's own, 1 for openvla, 4 for tiny pi05)"""
+    start_frames: int = 0
+    """with --start-weight: the first N frames of every episode are drawn --start-weight times as often as the others (0: every frame alike, as in the paper)"""
+    start_weight: float = 1.0
+    """sampling weight of each episode's first --start-frames frames against 1 for the others"""
 
     total_steps: int = 3000
     """optimizer steps"""
@@ -346,8 +350,12 @@ def main(args: Args):
                                   weight_decay=args.weight_decay)
     # Eq. 4: each sample from sim with probability alpha, real with 1 - alpha (a dataset given for
     # the statistics only is never drawn); the same global batch on every process, each its slice
-    mixer = demos.AlphaMixer(sim_ds, real_ds, args.alpha, args.batch_size, args.seed,
-                             rank=rank, world_size=world_size)
+    try:
+        mixer = demos.AlphaMixer(sim_ds, real_ds, args.alpha, args.batch_size, args.seed,
+                                 rank=rank, world_size=world_size,
+                                 start_frames=args.start_frames, start_weight=args.start_weight)
+    except ValueError as e:
+        fail(str(e))
     augment_rng = torch.Generator().manual_seed(args.seed + 1000 * rank)
     rngs = {"augment": augment_rng}
     start_step, best_score = 0, -1.0

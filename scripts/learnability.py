@@ -40,6 +40,10 @@ class Args:
     """Stage I's --ema-decay: the policy evaluated is the exponential moving average of the weights with this decay (0 = off; openpi uses 0.999)"""
     policy_overrides: list[str] = field(default_factory=list)
     """passed on to Stage I's --policy-overrides (key value pairs)"""
+    start_frames: int = 0
+    """Stage I's --start-frames / --start-weight: each episode's first N frames drawn W times as often (0: uniform)"""
+    start_weight: float = 1.0
+    """see --start-frames"""
     chunk_size: int = 0
     """Stage I's --chunk-size: actions per predicted chunk, all executed (0: the policy's default, 4 for pi05, 1 for openvla)"""
     sim_episodes: int = 100
@@ -85,6 +89,8 @@ def main(args: Args):
                             "--seed", str(seed), "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name,
                             *(["--policy-overrides", *args.policy_overrides] if args.policy_overrides else []),
                             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
+                            *(["--start-frames", str(args.start_frames), "--start-weight", str(args.start_weight)]
+                              if args.start_frames else []),
                             *resume])
             extra = json.loads((final / "config.json").read_text())["extra"]
             per_seed.append(100.0 * extra["eval/success_sim"])
@@ -95,6 +101,7 @@ def main(args: Args):
                "sim_success_pct": sum(per_seed) / len(per_seed), "per_seed_pct": per_seed,
                "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
                "lr": args.lr, "ema_decay": args.ema_decay, "chunk_size": args.chunk_size or None, "sim_episodes": args.sim_episodes,
+               "start_frames": args.start_frames, "start_weight": args.start_weight,
                "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
         upsert_row(out, row)

@@ -488,6 +488,24 @@ def test_mixer_is_deterministic_and_resumes_exactly(sim_and_real):
         demos.AlphaMixer(sim, real, alpha=0.9, batch_size=8, seed=0).load_state_dict(state)
 
 
+def test_mixer_draws_episode_starts_start_weight_times_as_often(sim_and_real):
+    # 4 episodes, 32 frames: uniform draws hit a first frame with p = 4/32; with the first frame of
+    # each episode weighted 7, p = 28/56 = 0.5. 3200 draws: binomial std <= 0.009.
+    sim, _ = sim_and_real
+    assert len(sim) == 32 and len(set(sim.episode_end)) == 4
+    for start_frames, start_weight, expected in ((0, 1.0, 4 / 32), (1, 7.0, 28 / 56), (2, 3.0, 24 / 48)):
+        mixer = demos.AlphaMixer(sim, None, alpha=1.0, batch_size=32, seed=3,
+                                 start_frames=start_frames, start_weight=start_weight)
+        states = torch.cat([mixer.next_batch()[0]["state"] for _ in range(100)]).numpy()
+        counted = max(start_frames, 1)  # the frames whose share is measured
+        starts = {tuple(sim.states[e - n + k]) for e, n in zip(sim.episode_end, sim.episode_length)
+                  for k in range(counted)}
+        hit = np.mean([tuple(row) in starts for row in states])
+        assert abs(hit - expected) < 0.045, (start_frames, start_weight, hit)
+    with pytest.raises(ValueError, match="start_weight"):
+        demos.AlphaMixer(sim, None, alpha=1.0, batch_size=4, seed=0, start_frames=1, start_weight=0.0)
+
+
 def test_mixer_extremes_need_only_one_dataset(sim_and_real):
     sim, real = sim_and_real
     batch, is_sim = demos.AlphaMixer(sim, None, alpha=1.0, batch_size=16, seed=0).next_batch()

@@ -110,6 +110,10 @@ def _model_defaults(kind: str, size: str) -> dict:
             # openpi's Pi0Config.discrete_state_input: True (pi0.5) writes the state into the prompt
             # as 256-bin tokens; False gives pi0.5 no state at all (its prompt is pi0's text format)
             discrete_state_input=True,
+            # which state dimensions the prompt carries (None: all 8). A lever of the miniature, not
+            # of openpi: (3, 4, 5, 6, 7) gives the tcp orientation and the gripper but not the tcp
+            # position, from which the demos can be fit without reading the image
+            state_input_dims=None,
         )
         if size == "tiny":
             # ~2.2M parameters, 16 image tokens, 2-layer Gemma VLM and expert
@@ -759,7 +763,9 @@ class Pi05Policy(Policy):
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
         m = config["model"]
-        self.max_state_dim = m["max_state_dim"] or self.state_dim
+        dims = m.get("state_input_dims")
+        if dims is not None and (not dims or any(not 0 <= int(d) < self.state_dim for d in dims)):
+            raise ValueError(f"state_input_dims {dims!r}: expected indices into the {self.state_dim}-dim state")
         self.max_action_dim = m["max_action_dim"] or self.action_dim
         vision = SiglipVisionConfig(hidden_size=m["vision_width"], intermediate_size=m["vision_mlp"],
                                     num_hidden_layers=m["vision_depth"], num_attention_heads=m["vision_heads"],
@@ -802,8 +808,12 @@ class Pi05Policy(Policy):
             # openpi PaligemmaTokenizer.tokenize with state=None: the cleaned text, then "\n"
             return [i.strip().replace("_", " ").replace("\n", " ") + "\n" for i in instructions]
         state = self.normalize_state(state)
-        if self.max_state_dim > self.state_dim:
-            state = F.pad(state, (0, self.max_state_dim - self.state_dim))
+        dims = self.config["model"].get("state_input_dims")
+        if dims is not None:
+            state = state[:, list(dims)]
+        pad_to = self.config["model"]["max_state_dim"]  # full size: 32 (openpi); tiny: None, no padding
+        if pad_to and pad_to > state.shape[1]:
+            state = F.pad(state, (0, pad_to - state.shape[1]))
         # np.digitize(x, linspace(-1, 1, 257)[:-1]) - 1 == floor((x + 1) * 128), clipped to 0..255
         bins = ((state + 1) * (NUM_ACTION_BINS / 2)).floor().clamp(0, NUM_ACTION_BINS - 1).long().tolist()
         return [PI05_PROMPT.format(instruction=i.strip().replace("_", " ").replace("\n", " "),

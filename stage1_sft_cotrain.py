@@ -315,10 +315,13 @@ def main(args: Args):
 
     # ---- policy -------------------------------------------------------------------------------
     if policy is None:
-        policy = policies.make_policy(args.policy, args.size, args.pretrained, chunk_size=chunk_size,
-                                      action_dim=first.action_dim, state_dim=first.state_dim,
-                                      instructions=instructions, norm_stats=norm_stats,
-                                      **parse_overrides(args.policy, args.size, args.policy_overrides))
+        try:
+            policy = policies.make_policy(args.policy, args.size, args.pretrained, chunk_size=chunk_size,
+                                          action_dim=first.action_dim, state_dim=first.state_dim,
+                                          instructions=instructions, norm_stats=norm_stats,
+                                          **parse_overrides(args.policy, args.size, args.policy_overrides))
+        except ValueError as e:  # e.g. an override the architecture cannot take
+            fail(f"cannot build the {args.policy} policy: {e}")
     torch.manual_seed(args.seed + rank)  # each process its own stream for the loss's noise (pi05)
     # evaluation (here and eval_real.py) renders at the resolution the policy was trained on;
     # exec_horizon stays unset: Stage I executes whole chunks

@@ -263,6 +263,29 @@ def test_pi05_without_discrete_state_input_ignores_the_state():
     assert (c - d).abs().max() > 1e-3
 
 
+def test_pi05_state_input_dims_keeps_only_the_chosen_state_dimensions():
+    # (3, ..., 7): the tcp orientation and the gripper reach the prompt, the tcp position does not
+    policy = new_policy("pi05", state_input_dims=(3, 4, 5, 6, 7)).eval()
+    full = new_policy("pi05")
+    state = torch.randn(2, 8)
+    def state_bins(prompt):
+        return prompt.split("State: ")[1].split(";")[0].split()
+    for kept, every in zip(policy._prompts(state, ["push"] * 2), full._prompts(state, ["push"] * 2)):
+        assert state_bins(kept) == state_bins(every)[3:] and len(state_bins(every)) == 8
+    obs = make_obs(2)
+    moved_position, moved_orientation = make_obs(2), make_obs(2)
+    moved_position["state"][:, :3] += 0.5
+    moved_orientation["state"][:, 3:7] += 0.5
+    with torch.no_grad():
+        a = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["actions"]
+        b = policy.act(moved_position, deterministic=True, x0_seeds=[1, 2])["actions"]
+        c = policy.act(moved_orientation, deterministic=True, x0_seeds=[1, 2])["actions"]
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="state_input_dims"):
+        new_policy("pi05", state_input_dims=(0, 8))
+
+
 def test_pi05_flow_matching_loss_by_hand():
     """sft_loss = masked mean of (v(x_t, t) - (noise - a))^2 with t = u^(1/1.5) * 0.999 + 0.001."""
     policy = new_policy("pi05")

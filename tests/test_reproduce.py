@@ -399,3 +399,28 @@ def test_calibrated_gap_reaches_real_demos_and_evaluations(tmp_path):
         else:  # a run's real data is the dataset of its task's gap
             assert ("proxy_real_gap0p5_" in flag(s["cmd"], "--real-data")) == (task == "open_drawer")
             assert ("_gap0p5_" in key) == (task == "open_drawer")
+
+
+def test_stage1_recipe_applies_to_every_paradigm_of_its_cell_only(tmp_path):
+    # the cpu scale's open_drawer pi0.5 recipe (the learnability.py setting that met the criterion)
+    # reaches every Stage I run of that cell alike; no other task or policy gets it
+    steps, _ = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1",),
+                                              tasks=("open_drawer", "close_drawer")))
+    stage1 = [s["cmd"] for s in steps.values() if s["kind"] == "stage1"]
+    recipe = reproduce.SCALES["cpu"]["stage1_recipe"]["open_drawer"]["pi05"]
+    seen_alphas = set()
+    for cmd in stage1:
+        cell = (flag(cmd, "--task"), flag(cmd, "--policy"))
+        if cell == ("open_drawer", "pi05"):
+            seen_alphas.add(flag(cmd, "--alpha"))
+            assert flag(cmd, "--total-steps") == str(recipe["steps"])
+            i = cmd.index("--policy-overrides")
+            assert cmd[i + 1:i + 1 + len(recipe["overrides"])] == list(recipe["overrides"])
+        else:
+            assert flag(cmd, "--total-steps") == str(reproduce.SCALES["cpu"]["stage1_steps"])
+            assert "--policy-overrides" not in cmd
+    assert seen_alphas == {"0", "0.95"}  # real-only and co-train (RL-Co starts from co-train)
+    # the recipe's overrides are ones Stage I accepts for that policy
+    import stage1_sft_cotrain
+    assert stage1_sft_cotrain.parse_overrides("pi05", "tiny", dict(zip(recipe["overrides"][::2], recipe["overrides"][1::2]))) \
+        == {"discrete_state_input": False}

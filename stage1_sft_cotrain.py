@@ -95,6 +95,9 @@ class Args:
 
     eval_every: int = 1000
     """evaluate and checkpoint every N steps (0: only at the end)"""
+    checkpoint_every: int = 1000
+    """also write a resumable checkpoint, without evaluating, every N steps (0: only at evaluations
+    and the end), so that a killed run loses at most N steps"""
     eval_episodes: int = 10
     """episodes per domain at each evaluation, on fixed evaluation seeds"""
     eval_domains: tuple[str, ...] = ("sim", "proxy_real")
@@ -489,6 +492,8 @@ def main(args: Args):
             evaluated = bool(args.eval_every) and step % args.eval_every == 0 and step < args.total_steps
             if evaluated:
                 save(step)
+            elif args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
+                save(step, evaluate=False)
             # Ctrl-C / SIGTERM on any process: all stop after this same step
             if plumbing.all_sum([float(stop.requested)], world_size)[0]:
                 if not evaluated:

@@ -490,13 +490,13 @@ def main(args: Args):
                                      sps=f"{values['perf/samples_per_s']:.0f}")
                 t_window, n_window, sim_window = time.time(), 0, []
             evaluated = bool(args.eval_every) and step % args.eval_every == 0 and step < args.total_steps
-            if evaluated:
-                save(step)
-            elif args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
-                save(step, evaluate=False)
+            checkpointed = evaluated or (bool(args.checkpoint_every) and step % args.checkpoint_every == 0
+                                         and step < args.total_steps)
+            if checkpointed:
+                save(step, evaluate=evaluated)
             # Ctrl-C / SIGTERM on any process: all stop after this same step
             if plumbing.all_sum([float(stop.requested)], world_size)[0]:
-                if not evaluated:
+                if not checkpointed:  # this step's checkpoint is not written yet
                     save(step, evaluate=False)
                 progress.close()
                 if is_main:

@@ -56,14 +56,15 @@ DDOF = 1  # spread over training seeds: the sample std
 # (None: the script's preset for tiny policies), evaluation episodes (one noise-free evaluation per
 # run), the sweeps and the training seeds (every run of every experiment is trained once per seed).
 # cpu: the settings under which scripts/learnability.py met its criterion (close_drawer: 300 sim
-# demos, 3000 Stage I steps; open_drawer with pi0.5: 10,000 steps, no state in the prompt, see
-# stage1_recipe) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes
+# demos, 3000 Stage I steps; open_drawer with pi0.5: 10,000 steps, no state in the prompt; with
+# OpenVLA: 6000 steps; see stage1_recipe) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes
 # on envs.eval_seeds(50), shared by every row.
 SCALES = {
     "cpu": dict(sim_episodes=300, real_episodes=20, stage1_steps=3000, stage1_batch=32,
                 # task -> policy -> Stage I steps and --policy-overrides of every paradigm of that
                 # cell (the same architecture and length for real-only, co-train and sim-only)
-                stage1_recipe={"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"])}},
+                stage1_recipe={"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
+                                                "openvla": dict(steps=6000)}},
                 stage2_env_steps=20_000, stage2_num_envs=4, stage2_eval_episodes=50, stage2_eval_num_envs=2,
                 stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
                 alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100)),

@@ -402,24 +402,30 @@ def test_calibrated_gap_reaches_real_demos_and_evaluations(tmp_path):
 
 
 def test_stage1_recipe_applies_to_every_paradigm_of_its_cell_only(tmp_path):
-    # the cpu scale's open_drawer pi0.5 recipe (the learnability.py setting that met the criterion)
-    # reaches every Stage I run of that cell alike; no other task or policy gets it
+    # the cpu scale's open_drawer recipes (the learnability.py settings that met the criterion: pi0.5
+    # 10k steps without state, OpenVLA 6000 steps) reach every Stage I run of their cell alike; no
+    # other task gets them
     steps, _ = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1",),
-                                              tasks=("open_drawer", "close_drawer")))
+                                              tasks=("open_drawer", "close_drawer"), policies=("pi05", "openvla")))
     stage1 = [s["cmd"] for s in steps.values() if s["kind"] == "stage1"]
-    recipe = reproduce.SCALES["cpu"]["stage1_recipe"]["open_drawer"]["pi05"]
-    seen_alphas = set()
+    recipes = reproduce.SCALES["cpu"]["stage1_recipe"]["open_drawer"]
+    recipe = recipes["pi05"]
+    seen_alphas = {"pi05": set(), "openvla": set()}
     for cmd in stage1:
-        cell = (flag(cmd, "--task"), flag(cmd, "--policy"))
-        if cell == ("open_drawer", "pi05"):
-            seen_alphas.add(flag(cmd, "--alpha"))
-            assert flag(cmd, "--total-steps") == str(recipe["steps"])
+        task, policy = flag(cmd, "--task"), flag(cmd, "--policy")
+        if task == "open_drawer":
+            seen_alphas[policy].add(flag(cmd, "--alpha"))
+            assert flag(cmd, "--total-steps") == str(recipes[policy]["steps"])
+        if (task, policy) == ("open_drawer", "pi05"):
             i = cmd.index("--policy-overrides")
             assert cmd[i + 1:i + 1 + len(recipe["overrides"])] == list(recipe["overrides"])
         else:
-            assert flag(cmd, "--total-steps") == str(reproduce.SCALES["cpu"]["stage1_steps"])
             assert "--policy-overrides" not in cmd
-    assert seen_alphas == {"0", "0.95"}  # real-only and co-train (RL-Co starts from co-train)
+        if task != "open_drawer":
+            assert flag(cmd, "--total-steps") == str(reproduce.SCALES["cpu"]["stage1_steps"])
+    assert recipes["openvla"]["steps"] != reproduce.SCALES["cpu"]["stage1_steps"]
+    # real-only and co-train of each family (RL-Co starts from co-train)
+    assert seen_alphas == {"pi05": {"0", "0.95"}, "openvla": {"0", "0.95"}}
     # the recipe's overrides are ones Stage I accepts for that policy
     import stage1_sft_cotrain
     assert stage1_sft_cotrain.parse_overrides("pi05", "tiny", dict(zip(recipe["overrides"][::2], recipe["overrides"][1::2]))) \

@@ -48,7 +48,6 @@ IMAGE_SIZE = 64  # the tiny policies' input size: bigger demos would only cost c
 # pick_and_place and 0.95 for open_drawer; it does not report the other two tasks' ratio.
 COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "close_drawer": 0.5}
 BETA = 0.1  # Stage II real-SFT weight of RL-Co (Eq. 5) wherever a figure does not sweep it
-FIG5_TASK = "pick_and_place"  # the paper's ablations (sec. V-C) use pick_and_place with pi0.5
 FIG7_TASK = "open_drawer"
 DDOF = 1  # spread over training seeds: the sample std
 
@@ -67,15 +66,18 @@ SCALES = {
                                                 "openvla": dict(steps=6000)}},
                 stage2_env_steps=20_000, stage2_num_envs=4, stage2_eval_episodes=50, stage2_eval_num_envs=2,
                 stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
-                alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100)),
+                alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100),
+                # Figs. 5 and 6 need a task that Stage I learns: pick_and_place does not at this scale
+                ablation_task="open_drawer"),
     "gpu": dict(sim_episodes=1000, real_episodes=50, stage1_steps=5000, stage1_batch=64,
                 stage2_env_steps=300_000, stage2_num_envs=64, stage2_eval_episodes=32, stage2_eval_num_envs=32,
                 stage2_eval_every=None, eval_episodes=50, eval_num_envs=50, sim_backend="gpu", seeds=(1, 2, 3),
-                alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig7_real=(20, 50, 100, 200)),
+                alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig7_real=(20, 50, 100, 200),
+                ablation_task="pick_and_place"),  # the paper's ablations (sec. V-C): pick_and_place, pi0.5
     "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=4, stage1_batch=8,
                stage2_env_steps=16, stage2_num_envs=1, stage2_eval_episodes=1, stage2_eval_num_envs=1,
                stage2_eval_every=None, eval_episodes=2, eval_num_envs=1, sim_backend="cpu", seeds=(1, 2),
-               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig7_real=(2, 3)),
+               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig7_real=(2, 3), ablation_task="pick_and_place"),
 }
 
 
@@ -230,16 +232,17 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             for beta in sorted(set(S["betas"]) | {BETA}):
                 inputs["fig4"].append(dict(task=t, sweep="beta", x=beta, alpha=a,
                                            evals=per_seed(lambda s: stage2(t, "pi05", a, beta, n_real, s), t)))
-    if "fig5" in args.only and FIG5_TASK in args.tasks:
-        inputs["fig5"] = [dict(init=label, seed=s, metrics=str(runs / stage2(FIG5_TASK, "pi05", alpha, BETA, n_real, s)
-                                                                 / "metrics.jsonl"))
+    t = S["ablation_task"]  # Figs. 5 and 6
+    if "fig5" in args.only and t in args.tasks:
+        inputs["fig5"] = [dict(task=t, init=label, seed=s,
+                               metrics=str(runs / stage2(t, "pi05", alpha, BETA, n_real, s) / "metrics.jsonl"))
                           for label, alpha in (("Real-only SFT init (alpha=0)", 0.0),
-                                               (f"SFT co-train init (alpha={COTRAIN_ALPHA[FIG5_TASK]:g})",
-                                                COTRAIN_ALPHA[FIG5_TASK]))
+                                               (f"SFT co-train init (alpha={COTRAIN_ALPHA[t]:g})", COTRAIN_ALPHA[t]))
                           for s in seeds]
-    if "fig6" in args.only and "pick_and_place" in args.tasks:
-        t, a = "pick_and_place", COTRAIN_ALPHA["pick_and_place"]
-        inputs["fig6"] = [dict(setting=label, evals=per_seed(lambda s: stage2(t, "pi05", alpha, beta, n_real, s), t))
+    if "fig6" in args.only and t in args.tasks:
+        a = COTRAIN_ALPHA[t]
+        inputs["fig6"] = [dict(task=t, setting=label,
+                               evals=per_seed(lambda s: stage2(t, "pi05", alpha, beta, n_real, s), t))
                           for label, alpha, beta in (("RL-Co (real data in both stages)", a, BETA),
                                                      ("no real data in Stage II (beta=0)", a, 0.0),
                                                      ("no real data in Stage I (alpha=1)", 1.0, BETA),
@@ -505,7 +508,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             ax.set_ylabel("sim success (%)")
             ax.set_ylim(-5, 105)
             ax.legend(fontsize=8)
-            save("fig5", payload, f"### Fig. 5: sim success during Stage II ({FIG5_TASK}, pi0.5, beta={BETA:g}){note}\n\n"
+            save("fig5", payload, f"### Fig. 5: sim success during Stage II ({inputs['fig5'][0]['task']}, pi0.5, beta={BETA:g}){note}\n\n"
                  + series_markdown(["init", "env steps", "sim success (%), mean +- std over seeds"], rows), fig)
     # Fig. 6: real supervision removed from Stage I, Stage II or both
     if inputs.get("fig6"):
@@ -517,7 +520,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             ax.set_xticks(range(len(have)), [p["setting"].replace(" (", "\n(") for p in have], fontsize=8)
             ax.set_ylabel("proxy_real success (%)")
             ax.set_ylim(0, 105)
-            save("fig6", pts, f"### Fig. 6: real supervision removed (pick_and_place, pi0.5){note}\n\n"
+            save("fig6", pts, f"### Fig. 6: real supervision removed ({inputs['fig6'][0]['task']}, pi0.5){note}\n\n"
                  + series_markdown(["setting", "success (%)"],
                                    [[p["setting"], fmt(p if p["mean"] is not None else None)] for p in pts]), fig)
     # Fig. 7: success vs number of real demos, for the three paradigms

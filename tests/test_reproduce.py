@@ -97,19 +97,22 @@ def test_plan_shares_runs_between_experiments(tmp_path):
     t2 = {(p["method"], p["variant"]): p["evals"] for p in inputs["table2"]}
     assert {m: t2[(m, "in_distribution")] for m in pp} == pp
     assert {k[1] for k in t2} == set(reproduce.VARIANTS)
+    # Figs. 5 and 6 on the scale's ablation task (open_drawer at the cpu scale)
+    assert S["ablation_task"] == "open_drawer"
     fig6 = [p["evals"] for p in inputs["fig6"]]
-    assert fig6[0] == pp["RL-Co"] and fig6[1] == fig4[("pick_and_place", "beta", 0.0)]
+    assert fig6[0] == od["RL-Co"] and fig6[1] == fig4[("open_drawer", "beta", 0.0)]
+    assert fig6[2] == [k.replace("a0p95_b0p1", "a1_b0p1") for k in fig4[("open_drawer", "beta", 0.1)]]
     assert len({k for keys in fig6 for k in keys}) == 4 * len(S["seeds"])
     # Fig. 5: the co-trained init's curve is Table I's RL-Co run; the real-only init starts from
     # Table I's real-only Stage I checkpoint
     # Table I's runs of every seed, and a real-only init curve per seed from that seed's checkpoint
     for i, seed in enumerate(S["seeds"]):
-        rlco_run = steps[pp["RL-Co"][i]]["checkpoint"].parent.parent
+        rlco_run = steps[od["RL-Co"][i]]["checkpoint"].parent.parent
         fig5 = {p["init"]: p["metrics"] for p in inputs["fig5"] if p["seed"] == seed}
         assert str(rlco_run / "metrics.jsonl") in fig5.values()
         real_only = next(m for k, m in fig5.items() if "alpha=0)" in k)
         real_only_init = flag(steps[Path(real_only).parent.name]["cmd"], "--init")
-        assert real_only_init == str(steps[pp["Real-only SFT"][i]]["checkpoint"])
+        assert real_only_init == str(steps[od["Real-only SFT"][i]]["checkpoint"])
     # the real data of Fig. 7's points: one dataset per demo count, Table I's for its own count
     for (m, n), keys in fig7.items():
         for key in keys:
@@ -430,3 +433,30 @@ def test_stage1_recipe_applies_to_every_paradigm_of_its_cell_only(tmp_path):
     import stage1_sft_cotrain
     assert stage1_sft_cotrain.parse_overrides("pi05", "tiny", dict(zip(recipe["overrides"][::2], recipe["overrides"][1::2]))) \
         == {"discrete_state_input": False}
+
+
+def test_cpu_scale_ablation_figures_use_a_task_stage1_learns(tmp_path):
+    # Figs. 5 and 6 sit on the scale's ablation task (open_drawer at the cpu scale, where pick_and_place
+    # is not learned); their RL-Co runs are Table I's, their real-only init is Table I's real-only run
+    S = reproduce.SCALES["cpu"]
+    assert S["ablation_task"] == "open_drawer" and reproduce.SCALES["gpu"]["ablation_task"] == "pick_and_place"
+    steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1", "fig5", "fig6"),
+                                                   tasks=("open_drawer",), policies=("pi05",)))
+    t1 = {p["method"]: p["evals"] for p in inputs["table1"]}
+    fig6 = {p["setting"]: p["evals"] for p in inputs["fig6"]}
+    assert {p["task"] for p in inputs["fig5"] + inputs["fig6"]} == {"open_drawer"}
+    assert fig6["RL-Co (real data in both stages)"] == t1["RL-Co"]
+    assert len({k for keys in fig6.values() for k in keys}) == 4 * len(S["seeds"])
+    for key in fig6["no real data in Stage I (alpha=1)"]:
+        init = flag(steps[steps[key]["checkpoint"].parent.parent.name]["cmd"], "--init")
+        s1 = steps[Path(init).parent.parent.name]["cmd"]
+        assert flag(s1, "--alpha") == "1" and flag(s1, "--total-steps") == "10000"  # the task's recipe
+    for i, seed in enumerate(S["seeds"]):
+        fig5 = {p["init"]: p["metrics"] for p in inputs["fig5"] if p["seed"] == seed}
+        rlco_run = steps[t1["RL-Co"][i]]["checkpoint"].parent.parent
+        assert str(rlco_run / "metrics.jsonl") == fig5["SFT co-train init (alpha=0.95)"]
+        real_only = steps[Path(fig5["Real-only SFT init (alpha=0)"]).parent.name]["cmd"]
+        assert flag(real_only, "--init") == str(steps[t1["Real-only SFT"][i]]["checkpoint"])
+    # without the ablation task among --tasks, no figure is planned
+    _, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("fig5", "fig6"), tasks=("close_drawer",)))
+    assert "fig5" not in inputs and "fig6" not in inputs

@@ -42,13 +42,16 @@ from tables import comparisons_markdown, format_cell, load_records, paired_compa
 TASKS = ("pick_and_place", "push_cube", "open_drawer", "close_drawer")  # envs.TASKS (importing envs loads ManiSkill)
 POLICIES = {"openvla": "OpenVLA", "pi05": "pi0.5"}
 VARIANTS = ("in_distribution", "unseen_objects", "unseen_states")
-EXPERIMENTS = ("table1", "table2", "fig4", "fig5", "fig6", "fig7")
+EXPERIMENTS = ("table1", "table2", "fig4", "fig5", "fig6", "fig7", "gap_sweep")
 IMAGE_SIZE = 64  # the tiny policies' input size: bigger demos would only cost collection time
 # Stage I sim ratio of "SFT co-training" and the start of RL-Co: the paper's Fig. 4 picks 0.5 for
 # pick_and_place and 0.95 for open_drawer; it does not report the other two tasks' ratio.
 COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "close_drawer": 0.5}
 BETA = 0.1  # Stage II real-SFT weight of RL-Co (Eq. 5) wherever a figure does not sweep it
 FIG7_TASK = "open_drawer"
+# gap_sweep (no anchor has it): Table I's three paradigms on the scale's gap_sweep_task, pi0.5, at
+# each proxy_real gap (0 = the sim twin, 1 = the full proxy_real) instead of the calibrated one
+SWEEP_GAPS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DDOF = 1  # spread over training seeds: the sample std
 
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps, parallel envs and monitoring
@@ -68,16 +71,17 @@ SCALES = {
                 stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
                 alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100),
                 # Figs. 5 and 6 need a task that Stage I learns: pick_and_place does not at this scale
-                ablation_task="open_drawer"),
+                ablation_task="open_drawer", gap_sweep_task="close_drawer"),
     "gpu": dict(sim_episodes=1000, real_episodes=50, stage1_steps=5000, stage1_batch=64,
                 stage2_env_steps=300_000, stage2_num_envs=64, stage2_eval_episodes=32, stage2_eval_num_envs=32,
                 stage2_eval_every=None, eval_episodes=50, eval_num_envs=50, sim_backend="gpu", seeds=(1, 2, 3),
                 alphas=(0.0, 0.25, 0.5, 0.75, 0.95, 1.0), betas=(0.0, 0.01, 0.1, 0.5, 1.0), fig7_real=(20, 50, 100, 200),
-                ablation_task="pick_and_place"),  # the paper's ablations (sec. V-C): pick_and_place, pi0.5
+                ablation_task="pick_and_place", gap_sweep_task="pick_and_place"),  # the paper's ablations (sec. V-C): pick_and_place, pi0.5
     "ci": dict(sim_episodes=3, real_episodes=2, stage1_steps=4, stage1_batch=8,
                stage2_env_steps=16, stage2_num_envs=1, stage2_eval_episodes=1, stage2_eval_num_envs=1,
                stage2_eval_every=None, eval_episodes=2, eval_num_envs=1, sim_backend="cpu", seeds=(1, 2),
-               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig7_real=(2, 3), ablation_task="pick_and_place"),
+               alphas=(0.0, 0.5, 1.0), betas=(0.0, 0.1), fig7_real=(2, 3), ablation_task="pick_and_place",
+               gap_sweep_task="open_drawer"),
 }
 
 
@@ -85,7 +89,7 @@ SCALES = {
 class Args:
     scale: Literal["cpu", "gpu", "ci"] = "cpu"
     """cpu: tiny policies, small counts (hours on 2 cores); gpu: full demo counts, GPU simulation; ci: a few steps per stage"""
-    only: tuple[Literal["table1", "table2", "fig4", "fig5", "fig6", "fig7"], ...] = EXPERIMENTS
+    only: tuple[Literal["table1", "table2", "fig4", "fig5", "fig6", "fig7", "gap_sweep"], ...] = EXPERIMENTS
     """experiments to run (and to tabulate/plot), e.g. --only table1 fig7"""
     tasks: tuple[Literal["pick_and_place", "push_cube", "open_drawer", "close_drawer"], ...] = TASKS
     """tasks to run; an experiment whose task is left out is skipped"""
@@ -93,6 +97,9 @@ class Args:
     """policy families of Table I (the other experiments are pi0.5's)"""
     seeds: Optional[tuple[int, ...]] = None
     """training seeds: every Stage I and Stage II run is made once per seed (default: the scale's)"""
+    sweep_gaps: tuple[float, ...] = SWEEP_GAPS
+    """gap_sweep: the proxy_real gaps (0 = the sim twin, 1 = full proxy_real) to train, evaluate and
+    tabulate; a gap whose evaluations are missing is left out of the table"""
     dry_run: bool = False
     """print the plan (every command that would run) and run nothing"""
     report_only: bool = False
@@ -137,25 +144,27 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     gaps = calibrated_gaps(args.out_dir)
     steps = {}
 
-    def gtag(task):  # run and dataset names carry the gap where it is not the full proxy_real
-        return "" if gaps[task] == 1.0 else f"_gap{tag(gaps[task])}"
+    # every function below takes gap=None: the task's calibrated gap (the gap sweep passes its own)
+    def gtag(task, gap=None):  # run and dataset names carry the gap where it is not the full proxy_real
+        gap = gaps[task] if gap is None else gap
+        return "" if gap == 1.0 else f"_gap{tag(gap)}"
 
-    def dataset(task, domain, n):
+    def dataset(task, domain, n, gap=None):
         # the real demos come from the proxy_real domain at the task's gap, as its evaluations do
-        gap = gaps[task] if domain == "proxy_real" else 1.0
-        out = data / task / f"{domain}{gtag(task) if domain == 'proxy_real' else ''}_{n}"
+        gap = (gaps[task] if gap is None else gap) if domain == "proxy_real" else 1.0
+        out = data / task / f"{domain}{gtag(task, gap) if domain == 'proxy_real' else ''}_{n}"
         if str(out) not in steps:
             steps[str(out)] = dict(kind="collect", out=out, n=n, cmd=[
                 py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
                 "--out", str(out), "--image-size", str(IMAGE_SIZE), *(["--gap", f"{gap:g}"] if gap != 1.0 else [])])
         return out
 
-    def stage1(task, policy, alpha, n_real, seed):
-        name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}{gtag(task)}_s{seed}"
+    def stage1(task, policy, alpha, n_real, seed, gap=None):
+        name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}{gtag(task, gap)}_s{seed}"
         if name not in steps:
             # both datasets, whatever alpha: the normalization statistics cover every dataset given
             sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))]
-            real = ["--real-data", str(dataset(task, "proxy_real", n_real))]
+            real = ["--real-data", str(dataset(task, "proxy_real", n_real, gap))]
             recipe = S.get("stage1_recipe", {}).get(task, {}).get(policy, {})
             total = recipe.get("steps", S["stage1_steps"])
             overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
@@ -168,14 +177,14 @@ def build_plan(args: Args) -> tuple[dict, dict]:
                 "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 
-    def stage2(task, policy, alpha, beta, n_real, seed):
-        init = stage1(task, policy, alpha, n_real, seed)
+    def stage2(task, policy, alpha, beta, n_real, seed, gap=None):
+        init = stage1(task, policy, alpha, n_real, seed, gap)
         uses_real = alpha < 1 or beta > 0
         name = (f"s2_{task}_{policy}_a{tag(alpha)}_b{tag(beta)}" + (f"_r{n_real}" if uses_real else "")
-                + f"{gtag(task)}_s{seed}")
+                + f"{gtag(task, gap)}_s{seed}")
         if name not in steps:
             # stage2 reads the real dataset even at beta = 0 (its image size); it then adds no gradient
-            real = dataset(task, "proxy_real", n_real)
+            real = dataset(task, "proxy_real", n_real, gap)
             optional = [(flag, S[key]) for flag, key in (("--num-envs", "stage2_num_envs"),
                                                          ("--eval-episodes", "stage2_eval_episodes"),
                                                          ("--eval-num-envs", "stage2_eval_num_envs"),
@@ -188,32 +197,32 @@ def build_plan(args: Args) -> tuple[dict, dict]:
                 "--no-save-video", "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 
-    def evaluation(run, task, variant="in_distribution"):
+    def evaluation(run, task, variant="in_distribution", gap=None):
         """One noise-free proxy_real evaluation of a run's final checkpoint on envs.eval_seeds: the
-        same initial states for every run of the task, at the task's calibrated gap."""
+        same initial states for every run of the task, at the task's calibrated gap (or `gap`)."""
         key = f"{run}__{variant}"
         if key not in steps:
             steps[key] = dict(kind="eval", out=evals / key, checkpoint=runs / run / "checkpoints" / "final", cmd=[
                 py, "eval_real.py", "proxy", "--checkpoint", str(runs / run / "checkpoints" / "final"),
                 "--names", run, "--task", task, "--variant", variant, "--episodes", str(S["eval_episodes"]),
-                "--num-envs", str(S["eval_num_envs"]), "--gap", f"{gaps[task]:g}",
+                "--num-envs", str(S["eval_num_envs"]), "--gap", f"{gaps[task] if gap is None else gap:g}",
                 "--image-size", str(IMAGE_SIZE), "--sim-backend", backend,
                 "--videos", "1", "--name", key, "--out-dir", str(evals)])
         return key
 
-    def per_seed(make_run, task, variant="in_distribution"):
+    def per_seed(make_run, task, variant="in_distribution", gap=None):
         """The evaluation keys of one point, one per training seed."""
-        return [evaluation(make_run(s), task, variant) for s in seeds]
+        return [evaluation(make_run(s), task, variant, gap) for s in seeds]
 
     n_real = S["real_episodes"]
 
-    def three_paradigms(task, policy, n=n_real, variants=("in_distribution",)):
+    def three_paradigms(task, policy, n=n_real, variants=("in_distribution",), gap=None):
         """Table I's three paradigms for one task and policy: method -> {variant: [eval key per seed]}."""
         a = COTRAIN_ALPHA[task]
-        rows = {"Real-only SFT": lambda s: stage1(task, policy, 0.0, n, s),
-                "SFT co-train": lambda s: stage1(task, policy, a, n, s),
-                "RL-Co": lambda s: stage2(task, policy, a, BETA, n, s)}
-        return {m: {v: per_seed(r, task, v) for v in variants} for m, r in rows.items()}
+        rows = {"Real-only SFT": lambda s: stage1(task, policy, 0.0, n, s, gap),
+                "SFT co-train": lambda s: stage1(task, policy, a, n, s, gap),
+                "RL-Co": lambda s: stage2(task, policy, a, BETA, n, s, gap)}
+        return {m: {v: per_seed(r, task, v, gap) for v in variants} for m, r in rows.items()}
 
     inputs = {}
     if "table1" in args.only:
@@ -250,6 +259,12 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     if "fig7" in args.only and FIG7_TASK in args.tasks:
         inputs["fig7"] = [dict(method=m, n_real=n, evals=ev["in_distribution"]) for n in S["fig7_real"]
                           for m, ev in three_paradigms(FIG7_TASK, "pi05", n).items()]
+    t = S["gap_sweep_task"]
+    if "gap_sweep" in args.only and t in args.tasks:
+        # the point at the task's calibrated gap is Table I's (same run names)
+        inputs["gap_sweep"] = [dict(task=t, gap=g, method=m, evals=ev["in_distribution"])
+                               for g in args.sweep_gaps
+                               for m, ev in three_paradigms(t, "pi05", gap=g).items()]
     return steps, inputs
 
 
@@ -543,6 +558,36 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                     for m in methods]
             save("fig7", pts, f"### Fig. 7: number of real demos ({FIG7_TASK}, pi0.5){note}\n\n"
                  + series_markdown(["method"] + [f"{n} demos" for n in ns], rows), fig)
+    # Gap sweep: the three paradigms against the proxy_real gap (columns = gaps; a gap is shown once
+    # every paradigm and training seed of it is evaluated), paired tests per gap
+    if inputs.get("gap_sweep"):
+        task, records, done = inputs["gap_sweep"][0]["task"], [], []
+        for g in dict.fromkeys(i["gap"] for i in inputs["gap_sweep"]):
+            at_g = [seed_records(evals, i["evals"], i["method"]) for i in inputs["gap_sweep"] if i["gap"] == g]
+            if all(r is not None for r in at_g):
+                done.append(g)
+                records += [{**r, "task": f"gap {g:g}"} for recs in at_g for r in recs]
+        if records:
+            table = summarize(records, ddof=DDOF)
+            table["columns"] = [c for c in table["columns"] if c != "Avg"]  # a mean over gaps means nothing
+            for row in table["rows"]:
+                row["cells"].pop("Avg", None)
+            table["comparisons"] = paired_comparisons(records, [("RL-Co", "SFT co-train"),
+                                                                ("SFT co-train", "Real-only SFT")])
+            table["task"], table["gaps"] = task, done
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for k, row in enumerate(table["rows"]):
+                cells = [row["cells"][f"gap {g:g}"] for g in done]
+                plot_lines(ax, done, [{"mean": c["mean"], "std": c["std"] or 0.0} for c in cells], row["method"], style=k)
+            ax.set_xticks(done)
+            ax.set_xlabel("proxy_real gap (0 = the sim twin, 1 = full proxy_real)")
+            ax.set_ylabel("proxy_real success (%)")
+            ax.set_ylim(-5, 105)
+            ax.legend(fontsize=8)
+            save("gap_sweep", table, f"### Success against the sim-real gap ({task}, pi0.5){note}\n\n"
+                 + to_markdown(table) + f"\nSFT co-train alpha {COTRAIN_ALPHA[task]:g}; RL-Co: Stage II from the "
+                 f"co-train checkpoint, beta={BETA:g}. Real demos and evaluation at each column's gap. Repeats are "
+                 "training seeds.\n\n" + comparisons_markdown(table["comparisons"]), fig)
     if pages:
         (out / "summary.md").write_text(f"# RL-Co study{note}\n\nSuccess rates in %: one noise-free evaluation "
                                         "per run on the same initial states, mean +- sample std over training "
@@ -555,6 +600,9 @@ def main(args: Args):
     args.out_dir = args.out_dir or f"results/reproduce_{args.scale}"
     if (args.sim_backend or SCALES[args.scale]["sim_backend"]) == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # env worker processes share the cores
+    if not all(0.0 <= g <= 1.0 for g in args.sweep_gaps):
+        sys.exit(f"reproduce: --sweep-gaps must lie in [0, 1] (0 = the sim twin, 1 = full proxy_real), "
+                 f"got {' '.join(f'{g:g}' for g in args.sweep_gaps)}")
     steps, inputs = build_plan(args)
     kinds = [s["kind"] for s in steps.values()]
     print(f"reproduce ({args.scale}): {', '.join(inputs) or 'nothing'}: {kinds.count('collect')} datasets, "

@@ -70,14 +70,16 @@ def test_plan_runs_everything_once_and_in_dependency_order(tmp_path, scale):
     # the hand count of the cpu study (sweeps include the tasks' own alpha and BETA):
     # Table I 4 tasks x 2 policies x (2 Stage I + 1 Stage II); Fig. 4 alphas 0.95 and 1 on
     # pick_and_place, 0.5 and 1 on open_drawer, betas 0 and 1 on both; Fig. 5 the real-only init;
-    # Fig. 6 alpha=1 with beta 0.1 and 0; Fig. 7 two more demo counts x 3 paradigms; each of
-    # them once per training seed (3); the datasets once
+    # Fig. 6 alpha=1 with beta 0.1 and 0; Fig. 7 two more demo counts x 3 paradigms; the gap sweep
+    # 4 more gaps x 3 paradigms (close_drawer's calibrated gap 1 is Table I's); each of them once per
+    # training seed (3); the datasets once
     if scale == "cpu":
         kinds = [s["kind"] for s in steps.values()]
-        assert kinds.count("stage1") == 3 * (16 + 4 + 4)
-        assert kinds.count("stage2") == 3 * (8 + 4 + 1 + 2 + 2)
-        assert kinds.count("eval") == 3 * (24 + 6 + 8 + 2 + 6)
-        assert kinds.count("collect") == 4 * 2 + 2  # sim + real per task, Fig. 7's 50 and 100 demos
+        assert kinds.count("stage1") == 3 * (16 + 4 + 4 + 4 * 2)
+        assert kinds.count("stage2") == 3 * (8 + 4 + 1 + 2 + 2 + 4)
+        assert kinds.count("eval") == 3 * (24 + 6 + 8 + 2 + 6 + 4 * 3)
+        # sim + real per task, Fig. 7's 50 and 100 demos, the gap sweep's real demos at 4 more gaps
+        assert kinds.count("collect") == 4 * 2 + 2 + 4
 
 
 def test_plan_shares_runs_between_experiments(tmp_path):
@@ -460,3 +462,61 @@ def test_cpu_scale_ablation_figures_use_a_task_stage1_learns(tmp_path):
     # without the ablation task among --tasks, no figure is planned
     _, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("fig5", "fig6"), tasks=("close_drawer",)))
     assert "fig5" not in inputs and "fig6" not in inputs
+
+
+def test_gap_sweep_trains_and_evaluates_each_gap_and_tabulates_the_finished_ones(tmp_path):
+    # the calibrated gap of the sweep's task (0.5 here) is Table I's runs; every other gap has its
+    # own real demos, runs and evaluations at that gap; the sim demos are shared
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "gap_calibration.json").write_text(json.dumps({"chosen": {"open_drawer": 0.5}}))
+    args = make_args(tmp_path, scale="ci", only=("table1", "gap_sweep"), tasks=("open_drawer",), policies=("pi05",))
+    steps, inputs = reproduce.build_plan(args)
+    assert reproduce.SCALES["ci"]["gap_sweep_task"] == "open_drawer"
+    sweep = {(p["gap"], p["method"]): p["evals"] for p in inputs["gap_sweep"]}
+    assert sorted({g for g, _ in sweep}) == list(reproduce.SWEEP_GAPS)
+    t1 = {p["method"]: p["evals"] for p in inputs["table1"]}
+    assert {m: sweep[(0.5, m)] for m in t1} == t1
+    for (g, m), keys in sweep.items():
+        for key in keys:
+            ev = steps[key]["cmd"]
+            assert flag(ev, "--gap") == f"{g:g}"
+            run = steps[Path(flag(ev, "--checkpoint")).parent.parent.name]["cmd"]
+            if m == "RL-Co":  # its Stage I init and its real data are of the same gap
+                run = steps[Path(flag(run, "--init")).parent.parent.name]["cmd"]
+            real = steps[flag(run, "--real-data")]["cmd"]
+            assert (flag(real, "--gap") or "1") == f"{g:g}" and flag(real, "--domain") == "proxy_real"
+            assert flag(steps[flag(run, "--sim-data")]["cmd"], "--gap") is None
+    collects = [s for s in steps.values() if s["kind"] == "collect"]
+    assert len(collects) == 1 + len(reproduce.SWEEP_GAPS)  # one sim dataset, real demos per gap
+    assert len({k for keys in sweep.values() for k in keys}) == len(sweep) * len(reproduce.SCALES["ci"]["seeds"])
+
+    # report: RL-Co at gap 0.25 wins 4/4 and 3/4 (seeds 1, 2), everything else 2/4; gap 0.75 misses
+    # one evaluation and is left out
+    evals, out = tmp_path / "results" / "evals", tmp_path / "results"
+    for (g, m), keys in sweep.items():
+        if (g, m) == (0.75, "SFT co-train"):
+            keys = keys[:1]
+        write_point(evals, steps, keys, (4, 3) if (g, m) == (0.25, "RL-Co") else (2, 2))
+    written = reproduce.aggregate({"gap_sweep": inputs["gap_sweep"]}, evals, out, "ci")
+    assert set(written) == {"gap_sweep"}
+    table = json.loads((out / "gap_sweep.json").read_text())
+    assert table["gaps"] == [0.0, 0.25, 0.5, 1.0] and table["columns"] == ["gap 0", "gap 0.25", "gap 0.5", "gap 1"]
+    rows = {r["method"]: r["cells"] for r in table["rows"]}
+    assert (rows["RL-Co"]["gap 0.25"]["mean"], rows["RL-Co"]["gap 0.25"]["std"]) == pytest.approx((87.5, 17.6777), abs=1e-3)
+    assert rows["SFT co-train"]["gap 1"]["mean"] == 50.0 and "Avg" not in rows["RL-Co"]
+    comps = {(c["a"], c["task"]): c for c in table["comparisons"]}
+    assert len(comps) == 2 * 4
+    # per state, mean over seeds: RL-Co (1, 1, 1, 0.5) vs co-train (1, 1, 0, 0) -> +37.5 points
+    assert comps[("RL-Co", "gap 0.25")]["diff_pct"] == pytest.approx(37.5)
+    assert comps[("RL-Co", "gap 0")]["diff_pct"] == pytest.approx(0.0)
+    assert md_row((out / "gap_sweep.md").read_text(), "method")[1:] == table["columns"]
+    assert (out / "gap_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --sweep-gaps picks the gaps to run; one outside [0, 1] is refused with one line
+    _, inputs = reproduce.build_plan(make_args(tmp_path, scale="ci", only=("gap_sweep",), tasks=("open_drawer",),
+                                               sweep_gaps=(0.0, 0.75)))
+    assert sorted({p["gap"] for p in inputs["gap_sweep"]}) == [0.0, 0.75]
+    done = subprocess.run([sys.executable, "reproduce.py", "--dry-run", "--scale", "ci", "--only", "gap_sweep",
+                           "--sweep-gaps", "0", "1.5", "--out-dir", str(tmp_path / "r2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--sweep-gaps must lie in [0, 1]" in done.stderr and "Traceback" not in done.stderr

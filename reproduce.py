@@ -145,13 +145,15 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     steps = {}
 
     # every function below takes gap=None: the task's calibrated gap (the gap sweep passes its own)
+    def gap_of(task, gap=None):
+        return gaps[task] if gap is None else gap
+
     def gtag(task, gap=None):  # run and dataset names carry the gap where it is not the full proxy_real
-        gap = gaps[task] if gap is None else gap
-        return "" if gap == 1.0 else f"_gap{tag(gap)}"
+        return "" if gap_of(task, gap) == 1.0 else f"_gap{tag(gap_of(task, gap))}"
 
     def dataset(task, domain, n, gap=None):
         # the real demos come from the proxy_real domain at the task's gap, as its evaluations do
-        gap = (gaps[task] if gap is None else gap) if domain == "proxy_real" else 1.0
+        gap = gap_of(task, gap) if domain == "proxy_real" else 1.0
         out = data / task / f"{domain}{gtag(task, gap) if domain == 'proxy_real' else ''}_{n}"
         if str(out) not in steps:
             steps[str(out)] = dict(kind="collect", out=out, n=n, cmd=[
@@ -205,7 +207,7 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             steps[key] = dict(kind="eval", out=evals / key, checkpoint=runs / run / "checkpoints" / "final", cmd=[
                 py, "eval_real.py", "proxy", "--checkpoint", str(runs / run / "checkpoints" / "final"),
                 "--names", run, "--task", task, "--variant", variant, "--episodes", str(S["eval_episodes"]),
-                "--num-envs", str(S["eval_num_envs"]), "--gap", f"{gaps[task] if gap is None else gap:g}",
+                "--num-envs", str(S["eval_num_envs"]), "--gap", f"{gap_of(task, gap):g}",
                 "--image-size", str(IMAGE_SIZE), "--sim-backend", backend,
                 "--videos", "1", "--name", key, "--out-dir", str(evals)])
         return key
@@ -259,12 +261,12 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     if "fig7" in args.only and FIG7_TASK in args.tasks:
         inputs["fig7"] = [dict(method=m, n_real=n, evals=ev["in_distribution"]) for n in S["fig7_real"]
                           for m, ev in three_paradigms(FIG7_TASK, "pi05", n).items()]
-    t = S["gap_sweep_task"]
-    if "gap_sweep" in args.only and t in args.tasks:
+    sweep_task = S["gap_sweep_task"]
+    if "gap_sweep" in args.only and sweep_task in args.tasks:
         # the point at the task's calibrated gap is Table I's (same run names)
-        inputs["gap_sweep"] = [dict(task=t, gap=g, method=m, evals=ev["in_distribution"])
+        inputs["gap_sweep"] = [dict(task=sweep_task, gap=g, method=m, evals=ev["in_distribution"])
                                for g in args.sweep_gaps
-                               for m, ev in three_paradigms(t, "pi05", gap=g).items()]
+                               for m, ev in three_paradigms(sweep_task, "pi05", gap=g).items()]
     return steps, inputs
 
 
@@ -568,10 +570,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                 done.append(g)
                 records += [{**r, "task": f"gap {g:g}"} for recs in at_g for r in recs]
         if records:
-            table = summarize(records, ddof=DDOF)
-            table["columns"] = [c for c in table["columns"] if c != "Avg"]  # a mean over gaps means nothing
-            for row in table["rows"]:
-                row["cells"].pop("Avg", None)
+            table = summarize(records, ddof=DDOF, avg=False)  # a mean over gaps means nothing
             table["comparisons"] = paired_comparisons(records, [("RL-Co", "SFT co-train"),
                                                                 ("SFT co-train", "Real-only SFT")])
             table["task"], table["gaps"] = task, done

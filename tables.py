@@ -178,7 +178,7 @@ def _cell_ci(records: list[dict]) -> dict:
     return {"ci95": list(bootstrap_ci(m)), "seeds": reps}
 
 
-def summarize(records: list[dict], ddof: int = 0) -> dict:
+def summarize(records: list[dict], ddof: int = 0, avg: bool = True) -> dict:
     """Success-rate table from episode records (dicts with method, task, variant, repeat, success).
 
     A cell's success rate is computed per repeat (100 * successes / episodes of that repeat), then
@@ -190,7 +190,8 @@ def summarize(records: list[dict], ddof: int = 0) -> dict:
     When the records carry their initial state (`seed`) and the repeats of a cell (training seeds)
     all cover the same states, the cell also gets "ci95": the percentile bootstrap 95% CI of
     bootstrap_ci over its [repeats x states] matrix, and "seeds": its repeats; otherwise "ci95" is
-    None. The Avg cell has no CI.
+    None. The Avg cell has no CI. avg=False leaves the Avg column out (columns that are not tasks,
+    e.g. the proxy_real gaps of one task).
     """
     _check(records)
     tasks = _unique(r["task"] for r in records)
@@ -204,7 +205,7 @@ def summarize(records: list[dict], ddof: int = 0) -> dict:
         cell_records[(r["method"], col_of(r))].append(r)
     methods = _unique(r["method"] for r in records)
     columns = _unique(col_of(r) for r in records)
-    with_avg = len(tasks) > 1
+    with_avg = avg and len(tasks) > 1
     with_drop = len(tasks) == 1 and len(variants) > 1 and "in_distribution" in variants
 
     rows = []

@@ -209,16 +209,23 @@ class StopFlag:
 # ---- metrics ------------------------------------------------------------------------------------------
 class MetricsLog:
     """metrics.jsonl (one JSON object per log call) and TensorBoard events in the run folder; only
-    process 0 writes. A resumed run appends."""
+    process 0 writes. A resumed run, resume_at = (index key, value) of its checkpoint, keeps the rows
+    up to that point and appends: the rows of iterations lost after the checkpoint are dropped, as
+    they are about to be run again (TensorBoard's event files keep them: read metrics.jsonl)."""
 
-    def __init__(self, run_dir: Path, append: bool, enabled: bool = True):
+    def __init__(self, run_dir: Path, resume_at: Optional[tuple] = None, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(run_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_at is not None and path.exists():
+            key, upto = resume_at
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(line + "\n" for line in rows if json.loads(line).get(key, upto) <= upto))
         self.writer = SummaryWriter(str(run_dir))
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a" if append else "w")
+        self.file = open(path, "a" if resume_at is not None else "w")
 
     def log(self, index: dict, values: dict, x: int):
         """index: the row's position (e.g. {"step": 10} or {"iteration": 3, "global_step": 1200});

@@ -404,7 +404,7 @@ def main(args: Args):
     protocol = policy.protocol(True)
     extra = {"stage": "stage1", "task": args.task, "alpha": args.alpha, "protocol": protocol,
              "ema_decay": args.ema_decay, "args": asdict(args)}  # ema_decay > 0: the weights are the EMA
-    log = plumbing.MetricsLog(run_dir, append=resume_from is not None, enabled=is_main)
+    log = plumbing.MetricsLog(run_dir, resume_at=("step", start_step) if resume_from else None, enabled=is_main)
     if is_main:
         plumbing.write_args(run_dir, asdict(args))
         print("args:", json.dumps(asdict(args), default=str))

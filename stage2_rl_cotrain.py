@@ -126,6 +126,9 @@ class Args:
 
     eval_every: Optional[int] = None
     """evaluate and checkpoint every N iterations (0: only at the start and the end) [preset]"""
+    checkpoint_every: int = 10
+    """also save a resumable checkpoint every N iterations between evaluations (0: only where it
+    evaluates), so that a killed run loses at most N iterations; it costs no evaluation"""
     eval_episodes: Optional[int] = None
     """episodes per domain at each evaluation, on the fixed evaluation seeds [preset]"""
     eval_num_envs: int = 4
@@ -393,7 +396,8 @@ def main(args: Args):
               f"{world_size} process(es) x {B} sim envs on {device}, chunk {policy.chunk_size} executing {H}, "
               f"{T} decisions per rollout | evaluation: {protocol}"
               + (f" | resuming from iteration {start_iter}" if resume_from else ""))
-    metrics = plumbing.MetricsLog(run_dir, append=resume_from is not None, enabled=is_main)
+    metrics = plumbing.MetricsLog(run_dir, resume_at=("iteration", start_iter) if resume_from else None,
+                                 enabled=is_main)
     extra = {"stage": "stage2", "task": args.task, "beta": args.beta, "init": args.init, "args": asdict(args)}
 
     def evaluate(iteration) -> dict:  # monitoring only: process 0, fixed evaluation seeds
@@ -577,8 +581,9 @@ def main(args: Args):
             # ================= evaluation and checkpoints =================
             done = global_step >= args.total_env_steps
             stopping = not done and plumbing.all_sum([float(stop.requested)], world_size)[0] > 0
-            if done or (args.eval_every and iteration % args.eval_every == 0) or stopping:
-                scores = evaluate(iteration) if is_main and not stopping else {}
+            evaluating = not stopping and (done or (args.eval_every and iteration % args.eval_every == 0))
+            if evaluating or stopping or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+                scores = evaluate(iteration) if is_main and evaluating else {}
                 save(iteration, scores, final=done)
             if stopping:
                 break

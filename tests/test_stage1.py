@@ -165,28 +165,31 @@ def test_alpha_1_statistics_cover_the_real_data_and_config_records_camera_size(t
 
 
 def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, random_data, monkeypatch):
-    # --checkpoint-every 2 with no evaluation: a run that dies in its fifth step (no handler runs,
-    # as under SIGKILL) has checkpoints/4/, and --resume from it follows the uninterrupted run
+    # --checkpoint-every 2 with no evaluation: a run that dies in its sixth step (no handler runs,
+    # as under SIGKILL) has checkpoints/4/, and --resume from it follows the uninterrupted run and
+    # logs step 5, which it runs again, once
     common = ["--policy", "pi05", "--alpha", "0.5", "--min-lr-ratio", "1.0", "--total-steps", "6",
               "--checkpoint-every", "2"]
     stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "straight"))
     lr_at = stage1.lr_at
 
-    def dies_in_step_5(step, args):
-        if step == 4:
+    def dies_in_step_6(step, args):
+        if step == 5:
             raise RuntimeError("killed")
         return lr_at(step, args)
 
-    monkeypatch.setattr(stage1, "lr_at", dies_in_step_5)
+    monkeypatch.setattr(stage1, "lr_at", dies_in_step_6)
     with pytest.raises(RuntimeError, match="killed"):
         stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "killed"))
     ckpts = tmp_path / "killed" / "checkpoints"
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in ckpts.iterdir()) == ["4"]  # 2 was pruned when 4 was written
     assert "eval/success_sim" not in json.loads((ckpts / "4" / "config.json").read_text())["extra"]
     monkeypatch.setattr(stage1, "lr_at", lr_at)
     stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "killed", "--resume"))
     a = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "straight")}
     b = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "killed")}
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[5], b[6]], [a[5], a[6]], rtol=1e-6)
 
 

@@ -389,6 +389,41 @@ def test_ctrl_c_finishes_the_iteration_saves_it_and_resume_continues_exactly(fil
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_without_evaluating_there(files, tmp_path,
+                                                                                         monkeypatch):
+    from safetensors.torch import load_file
+    use_bandit(monkeypatch)
+    small = dict(num_envs=4, num_steps=2, update_epochs=1, checkpoint_every=2)
+    straight = bandit_args(files, tmp_path, "pi05", iterations=5, run_name="straight", **small)
+    stage2.main(straight)
+
+    class KilledBandit(BanditEnv):  # dies in iteration 4's rollout, no signal, nothing saved on the way out
+        calls = 0
+
+        def step(self, action, render=True):
+            KilledBandit.calls += 1
+            if KilledBandit.calls == 7:
+                raise RuntimeError("killed")
+            return super().step(action, render)
+
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: KilledBandit(args.num_envs, size))
+    killed = bandit_args(files, tmp_path, "pi05", iterations=5, run_name="resumed", **small)
+    with pytest.raises(RuntimeError, match="killed"):
+        stage2.main(killed)
+    ckpts = Path(killed.runs_dir) / "resumed/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"]  # iteration 2's, the older ones pruned
+    evaluated = [r["iteration"] for r in read_metrics(killed) if "eval/success_sim" in r]
+    assert evaluated == [0]  # the start's evaluation only: the periodic checkpoint evaluates nothing
+
+    use_bandit(monkeypatch)
+    stage2.main(bandit_args(files, tmp_path, "pi05", iterations=5, run_name="resumed", resume=True, **small))
+    assert [r["iteration"] for r in train_rows(read_metrics(killed))] == [1, 2, 3, 4, 5]  # iteration 3 run again, logged once
+    a = load_file(Path(straight.runs_dir) / "straight/checkpoints/final/model.safetensors")
+    b = load_file(ckpts / "final/model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(files, tmp_path, monkeypatch, capsys):
     use_bandit(monkeypatch)
     args = bandit_args(files, tmp_path, "pi05", iterations=2, num_envs=2, num_steps=2)

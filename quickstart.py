@@ -1,12 +1,19 @@
 """The paper in miniature, on one task: `make quickstart` runs this.
 
-    python quickstart.py                 # open_drawer, tiny pi05, about 30 min on a 2-core CPU
+    python quickstart.py                 # close_drawer, tiny pi05, about 30 min on a 2-core CPU
     python quickstart.py --scale ci      # a few steps per stage: checks the pipeline, not the method
 
+At the cpu scale every setting is the cpu study's (reproduce.py's SCALES["cpu"]: 300 sim and 20
+proxy_real demos, the task's Stage I recipe, 20k Stage II env steps, 50 evaluation episodes), and
+the task's co-training ratio and proxy_real gap are the study's (COTRAIN_ALPHA, the calibrated gap
+in results/reproduce_cpu/gap_calibration.json): its table is one training seed of the study's
+Table I cell. close_drawer is the task whose whole pipeline fits in about 30 minutes here;
+open_drawer's Stage I recipe (10,000 steps) takes about 1.5 hours.
+
 Steps (each is the command a researcher would type; each prints before it runs):
-  1. collect_demos.py: sim demos and proxy_real ("real") demos of the task
-  2. stage1_sft_cotrain.py --alpha 0: the real-only SFT baseline
-  3. stage1_sft_cotrain.py --alpha A: SFT co-training (Eq. 4)
+  1. collect_demos.py: sim demos and proxy_real ("real") demos of the task, at the task's gap
+  2. stage1_sft_cotrain.py --alpha 0: the real-only SFT baseline        } side by side, one
+  3. stage1_sft_cotrain.py --alpha A: SFT co-training (Eq. 4)            } process each
   4. stage2_rl_cotrain.py --init <3> --beta B: RL-Co (Eq. 5)
   5. eval_real.py proxy: the three checkpoints on identical proxy_real initial states with the
      noise-free protocol, and the Table I row
@@ -24,109 +31,158 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import tyro
 
-# Per scale: demo counts, Stage I steps, Stage II env steps, evaluation episodes. monitor_episodes:
-# the training scripts' own sim/proxy_real evaluations (0: none, which also saves their env start-up,
-# tens of seconds each on a CPU); stage2_num_envs: None = the script's preset; eval_num_envs: None =
-# eval_real.py's default (1 runs in this process: no worker processes to start).
+import reproduce
+
+STUDY = reproduce.SCALES["cpu"]
+# Per scale: demo counts, Stage I steps and batch, Stage II env steps and envs, evaluation episodes
+# and envs. The cpu scale is the cpu study's; the ci scale takes a few steps of each stage.
 SCALES = {
-    "cpu": dict(sim_episodes=100, real_episodes=20, stage1_steps=1500, stage1_batch=32,
-                stage2_env_steps=6000, eval_episodes=20, stage1_eval_every=0, monitor_episodes=4,
-                stage2_num_envs=None, eval_num_envs=None),
+    "cpu": dict(sim_episodes=STUDY["sim_episodes"], real_episodes=STUDY["real_episodes"],
+                stage1_steps=STUDY["stage1_steps"], stage1_batch=STUDY["stage1_batch"],
+                stage2_env_steps=STUDY["stage2_env_steps"], stage2_num_envs=STUDY["stage2_num_envs"],
+                eval_episodes=STUDY["eval_episodes"], eval_num_envs=STUDY["eval_num_envs"]),
     "ci": dict(sim_episodes=4, real_episodes=3, stage1_steps=6, stage1_batch=8,
-               stage2_env_steps=32, eval_episodes=2, stage1_eval_every=0, monitor_episodes=0,
-               stage2_num_envs=1, eval_num_envs=1),
+               stage2_env_steps=32, stage2_num_envs=1, eval_episodes=2, eval_num_envs=1),
 }
 
 
 @dataclass
 class Args:
-    task: str = "open_drawer"
+    task: Literal["pick_and_place", "push_cube", "open_drawer", "close_drawer"] = "close_drawer"
     """task of the run"""
     policy: Literal["openvla", "pi05"] = "pi05"
     """policy family (tiny size)"""
     scale: Literal["cpu", "ci"] = "cpu"
-    """cpu: the real miniature (~30 min on 2 cores); ci: a few steps per stage"""
-    alpha: float = 0.95
-    """sim ratio of SFT co-training (the paper's Fig. 4 best for open_drawer)"""
+    """cpu: the cpu study's settings (~30 min on 2 cores for close_drawer); ci: a few steps per stage"""
+    alpha: Optional[float] = None
+    """sim ratio of SFT co-training (default: the study's for the task, reproduce.COTRAIN_ALPHA)"""
     beta: float = 0.1
     """weight of the real-data SFT loss in Stage II (Eq. 5)"""
-    image_size: int = 64
-    """camera resolution of the collected demos and of evaluation"""
+    gap: Optional[float] = None
+    """proxy_real gap of the real demos and of the evaluation, 0 (the sim twin) to 1 (the full
+    proxy_real) (default: the task's calibrated gap, results/reproduce_cpu/gap_calibration.json)"""
     seed: int = 1
     """seed of every stage"""
     data_dir: str = "data"
-    """where datasets go (data/<task>/sim, data/<task>/proxy_real)"""
+    """where datasets go (data/<task>/sim_<n>, data/<task>/proxy_real[_gap<g>]_<n>, as the study's)"""
     runs_dir: str = "runs"
     """where training runs go"""
     out_dir: str = "results/quickstart"
     """where the table goes"""
 
 
-def run(cmd: list[str]):
-    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    t0 = time.time()
+def command_env() -> dict:
     # one torch thread per process unless the user says otherwise: on a small CPU the env workers
     # and a multi-threaded torch contend for the cores, and the training step slows several-fold
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        sys.exit(f"quickstart: step failed: {' '.join(cmd[1:3])} (rerun `make quickstart` to continue)")
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def failed(cmd: list[str]):
+    sys.exit(f"quickstart: step failed: {' '.join(cmd[1:3])} (rerun `make quickstart` to continue)")
+
+
+def run(cmd: list[str]):
+    print("\n$ " + shlex.join(cmd), flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd, env=command_env()).returncode != 0:
+        failed(cmd)
+    print(f"  ({time.time() - t0:.0f} s)")
+
+
+def run_side_by_side(cmds: list[list[str]], logs: list[Path]):
+    """Independent commands at once, one process each (a 2-core CPU trains two tiny policies in
+    the time of one); each writes to its log, and the last line of each is shown every 30 s."""
+    t0 = time.time()
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        print("\n$ " + shlex.join(cmd) + f"  > {log}", flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen(cmd, env=command_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT))
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1 if time.time() - t0 < 30 else 30)
+            for log, p in zip(logs, procs):
+                # tqdm redraws with carriage returns: the last one is the current state
+                last = log.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-1:] or [""]
+                print(f"  [{time.time() - t0:5.0f} s] {log.stem}: {'running' if p.poll() is None else 'done'} "
+                      f"{last[0][-100:]}", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches the children too: they save a checkpoint and stop
+        for p in procs:
+            p.wait()
+        raise
+    for cmd, log, p in zip(cmds, logs, procs):
+        if p.returncode != 0:
+            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            failed(cmd)
     print(f"  ({time.time() - t0:.0f} s)")
 
 
 def main(args: Args):
     scale = SCALES[args.scale]
+    alpha = reproduce.COTRAIN_ALPHA[args.task] if args.alpha is None else args.alpha
+    gap = reproduce.calibrated_gaps("results/reproduce_cpu")[args.task] if args.gap is None else args.gap
+    if not 0.0 <= gap <= 1.0 or not 0.0 <= alpha <= 1.0:
+        sys.exit(f"quickstart: --gap and --alpha are numbers in [0, 1] (got gap {gap:g}, alpha {alpha:g})")
+    recipe = STUDY["stage1_recipe"].get(args.task, {}).get(args.policy, {}) if args.scale == "cpu" else {}
+    stage1_steps = recipe.get("steps", scale["stage1_steps"])
+    overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
     py = sys.executable
     t_start = time.time()
-    tag = f"{args.task}_{args.policy}_{args.scale}"
-    sim_data = Path(args.data_dir) / args.task / "sim"
-    real_data = Path(args.data_dir) / args.task / "proxy_real"
-    if args.scale == "ci":  # keep the CI's tiny datasets apart from a real quickstart's
-        sim_data, real_data = sim_data.with_name("sim_ci"), real_data.with_name("proxy_real_ci")
+    gtag = "" if gap == 1.0 else f"_gap{reproduce.tag(gap)}"
+    tag = f"{args.task}_{args.policy}{gtag}_{args.scale}"
+    # the cpu scale names its datasets as the study does (a quickstart and `make reproduce` share them);
+    # the CI's tiny ones are kept apart
+    size = {"cpu": (scale["sim_episodes"], scale["real_episodes"]), "ci": ("ci", "ci")}[args.scale]
+    sim_data = Path(args.data_dir) / args.task / f"sim_{size[0]}"
+    real_data = Path(args.data_dir) / args.task / f"proxy_real{gtag}_{size[1]}"
+    print(f"quickstart: {args.task}, tiny {args.policy}, scale {args.scale}; alpha {alpha:g}, beta {args.beta:g}, "
+          f"proxy_real gap {gap:g}; Stage I {stage1_steps} steps, Stage II {scale['stage2_env_steps']} env steps, "
+          f"{scale['eval_episodes']} evaluation episodes", flush=True)
 
-    # 1. demonstrations
+    # 1. demonstrations (the real ones from the proxy_real domain at the gap they are evaluated at)
     for domain, out, n in (("sim", sim_data, scale["sim_episodes"]),
                            ("proxy_real", real_data, scale["real_episodes"])):
         run([py, "collect_demos.py", "--task", args.task, "--domain", domain, "--num-episodes", str(n),
-             "--out", str(out), "--image-size", str(args.image_size), "--seed", str(args.seed)])
+             "--out", str(out), "--image-size", str(reproduce.IMAGE_SIZE), "--seed", str(args.seed),
+             *(["--gap", f"{gap:g}"] if domain == "proxy_real" and gap != 1.0 else [])])
 
-    # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A)
-    stage1_runs = {}
-    for label, alpha in (("real_only", 0.0), ("sft_cotrain", args.alpha)):
-        name = f"qs_{tag}_{label}"
+    # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;
+    # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter
+    stage1_runs, todo = {}, []
+    for label, a in (("real_only", 0.0), ("sft_cotrain", alpha)):
+        name = f"qs_{tag}_{label}" + (f"_a{reproduce.tag(a)}" if label == "sft_cotrain" else "")
         stage1_runs[label] = Path(args.runs_dir) / name / "checkpoints" / "final"
         if (stage1_runs[label] / "config.json").exists():
             print(f"\n[skip] {label}: {stage1_runs[label]} exists")
             continue
         resume = ["--resume"] if (Path(args.runs_dir) / name / "args.json").exists() else []
-        run([py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
-             "--alpha", str(alpha), "--sim-data", str(sim_data), "--real-data", str(real_data),
-             "--total-steps", str(scale["stage1_steps"]), "--batch-size", str(scale["stage1_batch"]),
-             "--eval-every", str(scale["stage1_eval_every"]),
-             *(["--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1"]
-               if scale["monitor_episodes"] else ["--eval-domains"]),
-             "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
+        todo.append((name, [py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
+                            "--alpha", f"{a:g}", "--sim-data", str(sim_data), "--real-data", str(real_data),
+                            "--total-steps", str(stage1_steps), "--batch-size", str(scale["stage1_batch"]),
+                            *overrides, "--eval-every", str(max(1, stage1_steps // 4)), "--eval-domains",
+                            "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume]))
+    if todo:
+        run_side_by_side([cmd for _, cmd in todo], [Path(args.runs_dir) / f"{name}.log" for name, _ in todo])
 
-    # 4. Stage II: RL-Co from the co-trained checkpoint
-    name = f"qs_{tag}_rlco_beta{args.beta:g}"
+    # 4. Stage II: RL-Co (Eq. 5) from the co-trained checkpoint, no monitoring evaluation
+    name = f"qs_{tag}_rlco_a{reproduce.tag(alpha)}_b{reproduce.tag(args.beta)}"
     rlco = Path(args.runs_dir) / name / "checkpoints" / "final"
     if (rlco / "config.json").exists():
         print(f"\n[skip] rl_co: {rlco} exists")
     else:
         resume = ["--resume"] if (Path(args.runs_dir) / name / "args.json").exists() else []
         run([py, "stage2_rl_cotrain.py", "--task", args.task, "--init", str(stage1_runs["sft_cotrain"]),
-             "--real-data", str(real_data), "--beta", str(args.beta),
-             "--total-env-steps", str(scale["stage2_env_steps"]),
-             *(["--num-envs", str(scale["stage2_num_envs"])] if scale["stage2_num_envs"] else []),
-             "--eval-episodes", str(scale["monitor_episodes"]), "--eval-num-envs", "1",
-             "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
+             "--real-data", str(real_data), "--beta", f"{args.beta:g}",
+             "--total-env-steps", str(scale["stage2_env_steps"]), "--num-envs", str(scale["stage2_num_envs"]),
+             "--eval-domains", "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume])
 
-    # 5. evaluation on identical proxy_real initial states, the noise-free protocol
+    # 5. evaluation on identical proxy_real initial states at the gap, the noise-free protocol
     checkpoints = {"Real only (SFT)": stage1_runs["real_only"],
-                   f"SFT co-train (alpha={args.alpha:g})": stage1_runs["sft_cotrain"],
+                   f"SFT co-train (alpha={alpha:g})": stage1_runs["sft_cotrain"],
                    f"RL-Co (beta={args.beta:g})": rlco}
     out_dir = Path(args.out_dir)
     table_name = f"table1_{tag}"
@@ -138,19 +194,22 @@ def main(args: Args):
     else:
         run([py, "eval_real.py", "proxy", "--checkpoint", *map(str, checkpoints.values()),
              "--names", *checkpoints.keys(), "--task", args.task, "--episodes", str(scale["eval_episodes"]),
-             "--image-size", str(args.image_size),
-             *(["--num-envs", str(scale["eval_num_envs"])] if scale["eval_num_envs"] else []),
+             "--gap", f"{gap:g}", "--image-size", str(reproduce.IMAGE_SIZE), "--num-envs", str(scale["eval_num_envs"]),
              "--seed", str(args.seed), "--name", table_name, "--out-dir", str(out_dir)])
         stamp_file.write_text(json.dumps(stamp, indent=1))
 
-    summary = {"args": asdict(args), "scale": scale, "datasets": [str(sim_data), str(real_data)],
+    summary = {"args": asdict(args), "alpha": alpha, "gap": gap, "stage1_steps": stage1_steps, "scale": scale,
+               "datasets": [str(sim_data), str(real_data)],
                "checkpoints": {k: str(v) for k, v in checkpoints.items()},
                "table": str(out_dir / f"{table_name}.md"), "wall_s_this_invocation": time.time() - t_start}
     (out_dir / f"{table_name}.summary.json").write_text(json.dumps(summary, indent=1))
-    print("\nTable I row, proxy_real success (%), one noise-free evaluation on identical initial states:\n")
+    print(f"\nTable I row, proxy_real success (%) at gap {gap:g}, one noise-free evaluation on identical initial "
+          f"states (one training seed: a smoke test, not a comparison):\n")
     print((out_dir / f"{table_name}.md").read_text())
-    print(f"Next: the full study with `make reproduce` (SCALE=cpu|gpu); compare more checkpoints with\n"
-          f"  python eval_real.py proxy --checkpoint {rlco} ... --task {args.task}")
+    print(f"The study's cell, 3 training seeds: results/reproduce_cpu/table1.md. Next: `make reproduce` "
+          f"(SCALE=cpu|gpu); compare more checkpoints with\n"
+          f"  python eval_real.py proxy --checkpoint {rlco} ... --task {args.task} --gap {gap:g}")
+    print(f"quickstart: {(time.time() - t_start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

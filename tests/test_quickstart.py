@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +33,8 @@ def test_quickstart_ci_writes_consistent_artefacts_and_a_rerun_skips_everything(
     shutil.copytree(tiny_data["sim"], data / "sim_ci")
     shutil.copytree(tiny_data["proxy_real"], data / "proxy_real_ci")
     out = tmp_path / "results"
-    cmd = [sys.executable, "quickstart.py", "--scale", "ci", "--seed", "0", "--data-dir", str(tmp_path / "data"),
+    cmd = [sys.executable, "quickstart.py", "--scale", "ci", "--task", "open_drawer", "--gap", "1", "--seed", "0",
+           "--data-dir", str(tmp_path / "data"),
            "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=SUB_ENV)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -89,3 +91,89 @@ def test_quickstart_ci_writes_consistent_artefacts_and_a_rerun_skips_everything(
     commands = [line for line in again.stdout.splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and all("collect_demos.py" in c for c in commands), commands
     assert (out / "table1_open_drawer_pi05_ci.json").stat().st_mtime == stamp
+
+
+def fake_quickstart(tmp_path, monkeypatch, *argv):
+    """quickstart.main with every command recorded instead of run: the trainings leave a final
+    checkpoint, the evaluation a table. Returns (plain commands, side-by-side groups, summary)."""
+    plain, groups = [], []
+
+    def pretend(cmd):
+        if "--run-name" in cmd:
+            ckpt = Path(cmd[cmd.index("--runs-dir") + 1]) / cmd[cmd.index("--run-name") + 1] / "checkpoints" / "final"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "model.safetensors").write_text("")
+            (ckpt / "config.json").write_text("{}")
+        if "eval_real.py" in cmd[1]:
+            out = Path(cmd[cmd.index("--out-dir") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            for ext in (".md", ".json"):
+                (out / (cmd[cmd.index("--name") + 1] + ext)).write_text("{}")
+
+    monkeypatch.setattr(quickstart, "run", lambda cmd: plain.append(cmd) or pretend(cmd))
+    monkeypatch.setattr(quickstart, "run_side_by_side",
+                        lambda cmds, logs: groups.append(cmds) or [pretend(c) for c in cmds])
+    args = tyro.cli(quickstart.Args, args=["--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+                                           "--out-dir", str(tmp_path / "out"), *argv])
+    quickstart.main(args)
+    summary = next((tmp_path / "out").glob("*.summary.json"))
+    return plain, groups, json.loads(summary.read_text())
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_quickstart_runs_the_studys_cell_at_the_task_gap(tmp_path, monkeypatch, capsys):
+    import reproduce
+    study = reproduce.SCALES["cpu"]
+    plain, groups, summary = fake_quickstart(tmp_path, monkeypatch, "--gap", "0.25")
+    collect_sim, collect_real, stage2, evaluation = plain
+    assert summary["args"]["task"] == "close_drawer" and summary["gap"] == 0.25
+    # the real demos and the evaluation at the gap; the sim demos without one
+    assert flag(collect_real, "--gap") == "0.25" and flag(evaluation, "--gap") == "0.25"
+    assert "--gap" not in collect_sim and flag(collect_sim, "--domain") == "sim"
+    assert flag(collect_real, "--out").endswith(f"close_drawer/proxy_real_gap0p25_{study['real_episodes']}")
+    assert flag(collect_sim, "--num-episodes") == str(study["sim_episodes"])
+    # both Stage I runs side by side, the study's steps, alpha 0 and the task's co-train alpha
+    (real_only, cotrain), = groups
+    assert [flag(c, "--alpha") for c in (real_only, cotrain)] == ["0", f"{reproduce.COTRAIN_ALPHA['close_drawer']:g}"]
+    assert {flag(c, "--total-steps") for c in (real_only, cotrain)} == {str(study["stage1_steps"])}
+    assert {flag(c, "--real-data") for c in (real_only, cotrain, stage2)} == {flag(collect_real, "--out")}
+    # Stage II from the co-trained checkpoint, the study's env steps; the three checkpoints evaluated
+    assert Path(flag(stage2, "--init")) == tmp_path / "runs" / flag(cotrain, "--run-name") / "checkpoints" / "final"
+    assert flag(stage2, "--total-env-steps") == str(study["stage2_env_steps"])
+    assert flag(evaluation, "--episodes") == str(study["eval_episodes"])
+    evaluated = evaluation[evaluation.index("--checkpoint") + 1:evaluation.index("--names")]
+    assert evaluated == list(summary["checkpoints"].values())
+    assert [Path(p).parts[-3] for p in evaluated] == [flag(real_only, "--run-name"), flag(cotrain, "--run-name"),
+                                                       flag(stage2, "--run-name")]
+    assert "gap 0.25" in capsys.readouterr().out
+
+    # open_drawer at its calibrated gap: the real data and evaluation there, and its Stage I recipe
+    plain, groups, summary = fake_quickstart(tmp_path / "od", monkeypatch, "--task", "open_drawer")
+    gap = reproduce.calibrated_gaps("results/reproduce_cpu")["open_drawer"]
+    assert summary["gap"] == gap != 1.0 and flag(plain[-1], "--gap") == f"{gap:g}"
+    recipe = study["stage1_recipe"]["open_drawer"]["pi05"]
+    for c in groups[0]:
+        assert flag(c, "--total-steps") == str(recipe["steps"])
+        assert c[c.index("--policy-overrides") + 1:c.index("--policy-overrides") + 3] == recipe["overrides"]
+
+    with pytest.raises(SystemExit, match="in \\[0, 1\\]"):
+        fake_quickstart(tmp_path / "bad", monkeypatch, "--gap", "1.5")
+
+
+def test_side_by_side_runs_at_once_logs_each_and_stops_on_a_failure(tmp_path, capsys):
+    py = sys.executable
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    flag_file = tmp_path / "b_started"
+    # the first waits for the second to have started: run one after the other, it would fail
+    waits = (f"import pathlib, sys, time\nfor _ in range(600):\n    if pathlib.Path({str(flag_file)!r}).exists(): "
+             f"print('one'); sys.exit(0)\n    time.sleep(0.05)\nsys.exit('never saw the other')")
+    quickstart.run_side_by_side([[py, "-c", waits],
+                                 [py, "-c", f"import pathlib; pathlib.Path({str(flag_file)!r}).touch(); print('two')"]],
+                                logs)
+    assert [log.read_text().strip() for log in logs] == ["one", "two"]
+    with pytest.raises(SystemExit, match="step failed"):
+        quickstart.run_side_by_side([[py, "-c", "print('fine')"], [py, "-c", "import sys; sys.exit('broken')"]], logs)
+    assert "broken" in capsys.readouterr().err

@@ -35,19 +35,32 @@ from typing import Literal, Optional
 
 import tyro
 
-import reproduce
-
-STUDY = reproduce.SCALES["cpu"]
+# The cpu study's settings (reproduce.py's SCALES["cpu"], COTRAIN_ALPHA and IMAGE_SIZE; scripts do not
+# import each other, and tests/test_quickstart.py checks that these agree with reproduce.py's)
+IMAGE_SIZE = 64
+COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "close_drawer": 0.5}
+STAGE1_RECIPE = {"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
+                                 "openvla": dict(steps=6000)}}
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps and envs, evaluation episodes
 # and envs. The cpu scale is the cpu study's; the ci scale takes a few steps of each stage.
 SCALES = {
-    "cpu": dict(sim_episodes=STUDY["sim_episodes"], real_episodes=STUDY["real_episodes"],
-                stage1_steps=STUDY["stage1_steps"], stage1_batch=STUDY["stage1_batch"],
-                stage2_env_steps=STUDY["stage2_env_steps"], stage2_num_envs=STUDY["stage2_num_envs"],
-                eval_episodes=STUDY["eval_episodes"], eval_num_envs=STUDY["eval_num_envs"]),
+    "cpu": dict(sim_episodes=300, real_episodes=20, stage1_steps=3000, stage1_batch=32,
+                stage2_env_steps=20_000, stage2_num_envs=4, eval_episodes=50, eval_num_envs=2),
     "ci": dict(sim_episodes=4, real_episodes=3, stage1_steps=6, stage1_batch=8,
                stage2_env_steps=32, stage2_num_envs=1, eval_episodes=2, eval_num_envs=1),
 }
+CALIBRATION = Path(__file__).resolve().parent / "results/reproduce_cpu/gap_calibration.json"  # the study's
+
+
+def calibrated_gap(task: str) -> float:
+    """The task's proxy_real gap chosen by scripts/gap_calibration.py; 1 (the full proxy_real) if none."""
+    chosen = json.loads(CALIBRATION.read_text()).get("chosen", {}) if CALIBRATION.exists() else {}
+    return float(chosen.get(task, 1.0))
+
+
+def tag(x: float) -> str:
+    """0.25 -> "0p25", as the study names its runs and datasets."""
+    return f"{x:g}".replace(".", "p")
 
 
 @dataclass
@@ -59,7 +72,7 @@ class Args:
     scale: Literal["cpu", "ci"] = "cpu"
     """cpu: the cpu study's settings (~30 min on 2 cores for close_drawer); ci: a few steps per stage"""
     alpha: Optional[float] = None
-    """sim ratio of SFT co-training (default: the study's for the task, reproduce.COTRAIN_ALPHA)"""
+    """sim ratio of SFT co-training (default: the study's for the task, COTRAIN_ALPHA)"""
     beta: float = 0.1
     """weight of the real-data SFT loss in Stage II (Eq. 5)"""
     gap: Optional[float] = None
@@ -123,17 +136,17 @@ def run_side_by_side(cmds: list[list[str]], logs: list[Path]):
 
 def main(args: Args):
     scale = SCALES[args.scale]
-    alpha = reproduce.COTRAIN_ALPHA[args.task] if args.alpha is None else args.alpha
-    gap = reproduce.calibrated_gaps("results/reproduce_cpu")[args.task] if args.gap is None else args.gap
+    alpha = COTRAIN_ALPHA[args.task] if args.alpha is None else args.alpha
+    gap = calibrated_gap(args.task) if args.gap is None else args.gap
     if not 0.0 <= gap <= 1.0 or not 0.0 <= alpha <= 1.0:
         sys.exit(f"quickstart: --gap and --alpha are numbers in [0, 1] (got gap {gap:g}, alpha {alpha:g})")
-    recipe = STUDY["stage1_recipe"].get(args.task, {}).get(args.policy, {}) if args.scale == "cpu" else {}
+    recipe = STAGE1_RECIPE.get(args.task, {}).get(args.policy, {}) if args.scale == "cpu" else {}
     stage1_steps = recipe.get("steps", scale["stage1_steps"])
     overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
     py = sys.executable
     t_start = time.time()
-    gtag = "" if gap == 1.0 else f"_gap{reproduce.tag(gap)}"
-    tag = f"{args.task}_{args.policy}{gtag}_{args.scale}"
+    gtag = "" if gap == 1.0 else f"_gap{tag(gap)}"
+    label_of_run = f"{args.task}_{args.policy}{gtag}_{args.scale}"
     # the cpu scale names its datasets as the study does (a quickstart and `make reproduce` share them);
     # the CI's tiny ones are kept apart
     size = {"cpu": (scale["sim_episodes"], scale["real_episodes"]), "ci": ("ci", "ci")}[args.scale]
@@ -147,14 +160,14 @@ def main(args: Args):
     for domain, out, n in (("sim", sim_data, scale["sim_episodes"]),
                            ("proxy_real", real_data, scale["real_episodes"])):
         run([py, "collect_demos.py", "--task", args.task, "--domain", domain, "--num-episodes", str(n),
-             "--out", str(out), "--image-size", str(reproduce.IMAGE_SIZE), "--seed", str(args.seed),
+             "--out", str(out), "--image-size", str(IMAGE_SIZE), "--seed", str(args.seed),
              *(["--gap", f"{gap:g}"] if domain == "proxy_real" and gap != 1.0 else [])])
 
     # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;
     # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter
     stage1_runs, todo = {}, []
     for label, a in (("real_only", 0.0), ("sft_cotrain", alpha)):
-        name = f"qs_{tag}_{label}" + (f"_a{reproduce.tag(a)}" if label == "sft_cotrain" else "")
+        name = f"qs_{label_of_run}_{label}" + (f"_a{tag(a)}" if label == "sft_cotrain" else "")
         stage1_runs[label] = Path(args.runs_dir) / name / "checkpoints" / "final"
         if (stage1_runs[label] / "config.json").exists():
             print(f"\n[skip] {label}: {stage1_runs[label]} exists")
@@ -169,7 +182,7 @@ def main(args: Args):
         run_side_by_side([cmd for _, cmd in todo], [Path(args.runs_dir) / f"{name}.log" for name, _ in todo])
 
     # 4. Stage II: RL-Co (Eq. 5) from the co-trained checkpoint, no monitoring evaluation
-    name = f"qs_{tag}_rlco_a{reproduce.tag(alpha)}_b{reproduce.tag(args.beta)}"
+    name = f"qs_{label_of_run}_rlco_a{tag(alpha)}_b{tag(args.beta)}"
     rlco = Path(args.runs_dir) / name / "checkpoints" / "final"
     if (rlco / "config.json").exists():
         print(f"\n[skip] rl_co: {rlco} exists")
@@ -185,7 +198,7 @@ def main(args: Args):
                    f"SFT co-train (alpha={alpha:g})": stage1_runs["sft_cotrain"],
                    f"RL-Co (beta={args.beta:g})": rlco}
     out_dir = Path(args.out_dir)
-    table_name = f"table1_{tag}"
+    table_name = f"table1_{label_of_run}"
     stamp = {str(p): (p / "model.safetensors").stat().st_mtime for p in checkpoints.values()}
     stamp_file = out_dir / f"{table_name}.inputs.json"
     if (out_dir / f"{table_name}.json").exists() and stamp_file.exists() \
@@ -194,7 +207,7 @@ def main(args: Args):
     else:
         run([py, "eval_real.py", "proxy", "--checkpoint", *map(str, checkpoints.values()),
              "--names", *checkpoints.keys(), "--task", args.task, "--episodes", str(scale["eval_episodes"]),
-             "--gap", f"{gap:g}", "--image-size", str(reproduce.IMAGE_SIZE), "--num-envs", str(scale["eval_num_envs"]),
+             "--gap", f"{gap:g}", "--image-size", str(IMAGE_SIZE), "--num-envs", str(scale["eval_num_envs"]),
              "--seed", str(args.seed), "--name", table_name, "--out-dir", str(out_dir)])
         stamp_file.write_text(json.dumps(stamp, indent=1))
 

@@ -152,7 +152,7 @@ def test_quickstart_runs_the_studys_cell_at_the_task_gap(tmp_path, monkeypatch, 
 
     # open_drawer at its calibrated gap: the real data and evaluation there, and its Stage I recipe
     plain, groups, summary = fake_quickstart(tmp_path / "od", monkeypatch, "--task", "open_drawer")
-    gap = reproduce.calibrated_gaps("results/reproduce_cpu")["open_drawer"]
+    gap = reproduce.calibrated_gaps(ROOT / "results/reproduce_cpu")["open_drawer"]
     assert summary["gap"] == gap != 1.0 and flag(plain[-1], "--gap") == f"{gap:g}"
     recipe = study["stage1_recipe"]["open_drawer"]["pi05"]
     for c in groups[0]:
@@ -177,3 +177,14 @@ def test_side_by_side_runs_at_once_logs_each_and_stops_on_a_failure(tmp_path, ca
     with pytest.raises(SystemExit, match="step failed"):
         quickstart.run_side_by_side([[py, "-c", "print('fine')"], [py, "-c", "import sys; sys.exit('broken')"]], logs)
     assert "broken" in capsys.readouterr().err
+
+
+def test_the_cpu_scale_is_the_cpu_studys():
+    import reproduce
+    study = reproduce.SCALES["cpu"]
+    assert quickstart.SCALES["cpu"] == {k: study[k] for k in quickstart.SCALES["cpu"]}
+    assert quickstart.STAGE1_RECIPE == study["stage1_recipe"]
+    assert quickstart.COTRAIN_ALPHA == reproduce.COTRAIN_ALPHA and quickstart.IMAGE_SIZE == reproduce.IMAGE_SIZE
+    assert {t: quickstart.calibrated_gap(t) for t in reproduce.TASKS} == reproduce.calibrated_gaps(
+        ROOT / "results/reproduce_cpu")
+    assert quickstart.tag(0.25) == reproduce.tag(0.25) == "0p25"

@@ -221,6 +221,12 @@ def test_paired_comparisons_build_the_matrices_from_the_records():
             f"| {out[0]['p_value']:.3g} | 6 | 3 / 2 |") in md
     assert md.count("sign-flip permutation test") == 1  # the test described once
 
+    # two tests among the rows: each p-value names its own
+    mixed = [out[0], {**out[1], "test": "another test"}]
+    md = tables.comparisons_markdown(mixed)
+    assert f"| {out[0]['p_value']:.3g} (1) |" in md and f"| {out[1]['p_value']:.3g} (2) |" in md
+    assert f"Test (1): {out[0]['test']};" in md and "Test (2): another test;" in md
+
 
 def test_paired_comparisons_reject_mismatched_states():
     m = np.ones((3, 4))

@@ -126,9 +126,9 @@ class Args:
 
     eval_every: Optional[int] = None
     """evaluate and checkpoint every N iterations (0: only at the start and the end) [preset]"""
-    checkpoint_every: int = 10
+    checkpoint_every: Optional[int] = None
     """also save a resumable checkpoint every N iterations between evaluations (0: only where it
-    evaluates), so that a killed run loses at most N iterations; it costs no evaluation"""
+    evaluates), so that a killed run loses at most N iterations; it costs no evaluation [preset]"""
     eval_episodes: Optional[int] = None
     """episodes per domain at each evaluation, on the fixed evaluation seeds [preset]"""
     eval_num_envs: int = 4
@@ -159,10 +159,12 @@ class Args:
 # warm-up (a Stage I value head is untrained), a KL bound per update, and actor lr 1e-5 (at 1e-4
 # Adam's first step took tiny pi05 on open_drawer to KL 0.65 and 0 of 116 successful rollouts).
 _FULL = dict(total_env_steps=3_000_000, num_envs=64, num_minibatches=4, clip_vloss=True, huber_delta=10.0,
-             target_kl=0.0, critic_warmup_iters=0, eval_every=20, eval_episodes=50, recompute_logprob=True)
+             target_kl=0.0, critic_warmup_iters=0, eval_every=20, eval_episodes=50, recompute_logprob=True,
+             checkpoint_every=0)  # full size: the trainer state is tens of GB; the evaluations checkpoint
 _TINY = dict(total_env_steps=6_000, num_envs=4, update_epochs=2, num_minibatches=4, clip_vloss=False,
              huber_delta=0.0, target_kl=0.05, critic_warmup_iters=2, learning_rate=1e-5,
-             value_learning_rate=1e-3, max_grad_norm=1.0, eval_every=10, eval_episodes=8, recompute_logprob=False)
+             value_learning_rate=1e-3, max_grad_norm=1.0, eval_every=10, eval_episodes=8, recompute_logprob=False,
+             checkpoint_every=10)
 PRESETS = {
     ("pi05", "full"): dict(_FULL, update_epochs=2, ent_coef=0.005, learning_rate=4e-6, value_learning_rate=2e-4,
                            max_grad_norm=1.0),

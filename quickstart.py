@@ -79,7 +79,8 @@ class Args:
     """proxy_real gap of the real demos and of the evaluation, 0 (the sim twin) to 1 (the full
     proxy_real) (default: the task's calibrated gap, results/reproduce_cpu/gap_calibration.json)"""
     seed: int = 1
-    """seed of every stage"""
+    """training seed of every stage (the demos are the study's, collected with collect_demos.py's
+    default teleoperation seed whatever this is)"""
     data_dir: str = "data"
     """where datasets go (data/<task>/sim_<n>, data/<task>/proxy_real[_gap<g>]_<n>, as the study's)"""
     runs_dir: str = "runs"
@@ -156,11 +157,12 @@ def main(args: Args):
           f"proxy_real gap {gap:g}; Stage I {stage1_steps} steps, Stage II {scale['stage2_env_steps']} env steps, "
           f"{scale['eval_episodes']} evaluation episodes", flush=True)
 
-    # 1. demonstrations (the real ones from the proxy_real domain at the gap they are evaluated at)
+    # 1. demonstrations (the real ones from the proxy_real domain at the gap they are evaluated at),
+    # collected as the study collects them, so that the two share them
     for domain, out, n in (("sim", sim_data, scale["sim_episodes"]),
                            ("proxy_real", real_data, scale["real_episodes"])):
         run([py, "collect_demos.py", "--task", args.task, "--domain", domain, "--num-episodes", str(n),
-             "--out", str(out), "--image-size", str(IMAGE_SIZE), "--seed", str(args.seed),
+             "--out", str(out), "--image-size", str(IMAGE_SIZE),
              *(["--gap", f"{gap:g}"] if domain == "proxy_real" and gap != 1.0 else [])])
 
     # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;

@@ -29,7 +29,7 @@ def test_quickstart_ci_writes_consistent_artefacts_and_a_rerun_skips_everything(
     scale = quickstart.SCALES["ci"]
     data = tmp_path / "data" / "open_drawer"
     # the fixture's datasets hold exactly the ci counts and were collected with quickstart's
-    # settings for --seed 0 (64 px, default teleoperation): collection resumes with nothing to do
+    # settings (64 px, collect_demos.py's default teleoperation and seed): collection resumes with nothing to do
     shutil.copytree(tiny_data["sim"], data / "sim_ci")
     shutil.copytree(tiny_data["proxy_real"], data / "proxy_real_ci")
     out = tmp_path / "results"
@@ -135,6 +135,7 @@ def test_quickstart_runs_the_studys_cell_at_the_task_gap(tmp_path, monkeypatch, 
     assert "--gap" not in collect_sim and flag(collect_sim, "--domain") == "sim"
     assert flag(collect_real, "--out").endswith(f"close_drawer/proxy_real_gap0p25_{study['real_episodes']}")
     assert flag(collect_sim, "--num-episodes") == str(study["sim_episodes"])
+    assert "--seed" not in collect_sim + collect_real  # the study's demos, whatever the training seed
     # both Stage I runs side by side, the study's steps, alpha 0 and the task's co-train alpha
     (real_only, cotrain), = groups
     assert [flag(c, "--alpha") for c in (real_only, cotrain)] == ["0", f"{reproduce.COTRAIN_ALPHA['close_drawer']:g}"]

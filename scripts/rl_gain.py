@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 import tyro
 
@@ -43,6 +44,8 @@ class Args:
     """Stage II env steps per run"""
     num_envs: int = 4
     """parallel training envs"""
+    learning_rate: Optional[float] = None
+    """actor learning rate (default: Stage II's preset for the policy)"""
     episodes: int = 50
     """sim evaluation episodes of the final policy"""
     image_size: int = 64
@@ -89,7 +92,9 @@ def main(args: Args):
                 resume = ["--resume"] if (ROOT / args.runs_dir / name / "args.json").exists() else []
                 wall = run([py, "stage2_rl_cotrain.py", "--task", task, "--init", str(init), "--real-data", str(real),
                             "--beta", f"{args.beta:g}", "--total-env-steps", str(args.total_env_steps),
-                            "--num-envs", str(args.num_envs), "--eval-every", "0", "--eval-episodes", str(args.episodes),
+                            "--num-envs", str(args.num_envs),
+                            *(["--learning-rate", f"{args.learning_rate:g}"] if args.learning_rate else []),
+                            "--eval-every", "0", "--eval-episodes", str(args.episodes),
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
                             "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])
             after.append(100.0 * json.loads((final / "config.json").read_text())["extra"]["eval/success_sim"])
@@ -102,8 +107,9 @@ def main(args: Args):
         row = {"task": task, "policy": args.policy, "seeds": list(args.seeds), "env_steps": max(env_steps),
                "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
                "gain_points": mean_after - before, "episodes": args.episodes, "beta": args.beta,
-               "num_envs": args.num_envs, "attempt": args.attempt,
-               "init": f"{init_run.relative_to(ROOT)} (sim-only Stage I, alpha 1)",
+               "num_envs": args.num_envs, "learning_rate": args.learning_rate, "attempt": args.attempt,
+               "init": f"{init_run.relative_to(ROOT) if init_run.is_relative_to(ROOT) else init_run} "
+                       "(sim-only Stage I, alpha 1)",
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],
                "rollout_success_last_quarter": [round(b, 3) for _, b in quarters],
                "stage2_wall_s": walls, "criterion_met": mean_after - before >= 15.0 and len(args.seeds) >= 3}

@@ -51,6 +51,39 @@ def test_rl_gain_quarters_of_the_rollout_success():
     assert (first, last) == pytest.approx((0.125, 1.0))  # 8 iterations: quarters of 2
 
 
+def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypatch):
+    rl_gain = load("rl_gain")
+    init = tmp_path / "learn" / "open_drawer_openvla_x_s1" / "checkpoints" / "final"
+    init.mkdir(parents=True)
+    (init / "config.json").write_text(json.dumps({"extra": {"eval/success_sim": 0.5}}))
+    (tmp_path / "data" / "open_drawer" / "proxy_real_20" / "meta").mkdir(parents=True)
+    (tmp_path / "data" / "open_drawer" / "proxy_real_20" / "meta" / "info.json").write_text("{}")
+    commands = []
+
+    def pretend(cmd):  # a Stage II run: its final checkpoint at 70 % and its metrics
+        commands.append(cmd)
+        run_dir = Path(cmd[cmd.index("--runs-dir") + 1]) / cmd[cmd.index("--run-name") + 1]
+        (run_dir / "checkpoints" / "final").mkdir(parents=True)
+        (run_dir / "checkpoints" / "final" / "config.json").write_text(json.dumps({"extra": {"eval/success_sim": 0.7}}))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "global_step": 200,
+                                                           "charts/episode_success": 0.5}) + "\n")
+        return 1.0
+
+    monkeypatch.setattr(rl_gain, "run", pretend)
+    common = ["--tasks", "open_drawer", "--policy", "openvla", "--init-attempt", "x", "--seeds", "1",
+              "--learnability-runs", str(tmp_path / "learn"), "--data-dir", str(tmp_path / "data"),
+              "--out", str(tmp_path / "rows.json")]
+    rl_gain.main(rl_gain.tyro.cli(rl_gain.Args, args=[*common, "--runs-dir", str(tmp_path / "a"),
+                                                      "--learning-rate", "1e-4", "--num-envs", "16"]))
+    rl_gain.main(rl_gain.tyro.cli(rl_gain.Args, args=[*common, "--runs-dir", str(tmp_path / "b"), "--attempt", "preset"]))
+    with_lr, preset = commands
+    assert with_lr[with_lr.index("--learning-rate") + 1] == "0.0001" and "--learning-rate" not in preset
+    assert with_lr[with_lr.index("--num-envs") + 1] == "16"
+    rows = {r["attempt"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert (rows["beta0"]["learning_rate"], rows["preset"]["learning_rate"]) == (1e-4, None)
+    assert rows["beta0"]["sim_before_pct"] == 50.0 and rows["beta0"]["gain_points"] == pytest.approx(20.0)
+
+
 def test_a_row_written_beside_another_run_keeps_both(tmp_path):
     # two attempts run side by side: each writes its row into the file the other may have just written
     study_io = load("study_io")

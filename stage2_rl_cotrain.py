@@ -499,7 +499,7 @@ def main(args: Args):
                         approx_kl = ((ratio - 1) - logratio).mean()  # the low-variance k3 estimator
                         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
                     if first_ratio_dev is None:  # rollout and update must agree: ratio 1 before any step
-                        first_ratio_dev = float((ratio - 1).abs().max())
+                        first_ratio_dev = float((ratio.detach() - 1).abs().max())
                     # L_RL: clipped surrogate, value loss, entropy bonus
                     pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - args.clip_coef,
                                                                          1 + args.clip_coef)).mean()

@@ -330,17 +330,16 @@ def comparisons_markdown(comparisons: list[dict]) -> str:
     tests = _unique(c["test"] for c in comparisons)
     # where the rows used different tests (exact where the sign patterns are few enough, Monte
     # Carlo elsewhere), each p-value names its test by number
-    mark = (lambda c: f" ({tests.index(c['test']) + 1})") if len(tests) > 1 else (lambda c: "")
+    number = {t: f" ({i + 1})" if len(tests) > 1 else "" for i, t in enumerate(tests)}
     lines = ["| a vs b | task | variant | a - b (points) [95% CI] | p-value | states | seeds a / b |",
              "|" + "---|" * 7]
     for c in comparisons:
         lo, hi = c["ci95"]
         lines.append(f"| {c['a']} vs {c['b']} | {c['task']} | {c['variant']} | {c['diff_pct']:+.1f} "
-                     f"[{lo:+.1f}, {hi:+.1f}] | {c['p_value']:.3g}{mark(c)} | {c['n_states']} | "
+                     f"[{lo:+.1f}, {hi:+.1f}] | {c['p_value']:.3g}{number[c['test']]} | {c['n_states']} | "
                      f"{c['seeds_a']} / {c['seeds_b']} |")
-    names = [f"Test ({i + 1})" if len(tests) > 1 else "Test" for i in range(len(tests))]
-    return "\n".join(lines + [""] + [f"{name}: {t}; CI: percentile bootstrap over training seeds and "
-                                      "initial states." for name, t in zip(names, tests)]) + "\n"
+    return "\n".join(lines + [""] + [f"Test{number[t]}: {t}; CI: percentile bootstrap over training seeds and "
+                                      "initial states." for t in tests]) + "\n"
 
 
 def write_table(table: dict, out: Path) -> None:

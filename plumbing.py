@@ -222,8 +222,15 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_at is not None and path.exists():
             key, upto = resume_at
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(line + "\n" for line in rows if json.loads(line).get(key, upto) <= upto))
+
+            def kept(line: str) -> bool:
+                try:
+                    return json.loads(line).get(key, upto) <= upto
+                except json.JSONDecodeError:  # the last line, torn by a kill in mid-write
+                    return False
+
+            rows = [line for line in path.read_text().splitlines() if line.strip() and kept(line)]
+            path.write_text("".join(line + "\n" for line in rows))
         self.writer = SummaryWriter(str(run_dir))
         self.file = open(path, "a" if resume_at is not None else "w")
 

@@ -414,10 +414,13 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_without_evaluati
     assert sorted(p.name for p in ckpts.iterdir()) == ["2"]  # iteration 2's, the older ones pruned
     evaluated = [r["iteration"] for r in read_metrics(killed) if "eval/success_sim" in r]
     assert evaluated == [0]  # the start's evaluation only: the periodic checkpoint evaluates nothing
+    with open(Path(killed.runs_dir) / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "global_st')  # a row torn by the kill in mid-write
 
     use_bandit(monkeypatch)
     stage2.main(bandit_args(files, tmp_path, "pi05", iterations=5, run_name="resumed", resume=True, **small))
-    assert [r["iteration"] for r in train_rows(read_metrics(killed))] == [1, 2, 3, 4, 5]  # iteration 3 run again, logged once
+    # iteration 3, run again, logged once; the torn row gone
+    assert [r["iteration"] for r in train_rows(read_metrics(killed))] == [1, 2, 3, 4, 5]
     a = load_file(Path(straight.runs_dir) / "straight/checkpoints/final/model.safetensors")
     b = load_file(ckpts / "final/model.safetensors")
     for name in a:

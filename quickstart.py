@@ -111,11 +111,12 @@ def run_side_by_side(cmds: list[list[str]], logs: list[Path]):
     """Independent commands at once, one process each (a 2-core CPU trains two tiny policies in
     the time of one); each writes to its log, and the last line of each is shown every 30 s."""
     t0 = time.time()
-    procs = []
+    procs, outs = [], []
     for cmd, log in zip(cmds, logs):
         print("\n$ " + shlex.join(cmd) + f"  > {log}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
-        procs.append(subprocess.Popen(cmd, env=command_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT))
+        outs.append(open(log, "w"))
+        procs.append(subprocess.Popen(cmd, env=command_env(), stdout=outs[-1], stderr=subprocess.STDOUT))
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(1 if time.time() - t0 < 30 else 30)
@@ -128,6 +129,9 @@ def run_side_by_side(cmds: list[list[str]], logs: list[Path]):
         for p in procs:
             p.wait()
         raise
+    finally:
+        for out in outs:
+            out.close()
     for cmd, log, p in zip(cmds, logs, procs):
         if p.returncode != 0:
             print(log.read_text(errors="replace")[-3000:], file=sys.stderr)

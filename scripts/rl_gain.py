@@ -93,7 +93,7 @@ def main(args: Args):
                 wall = run([py, "stage2_rl_cotrain.py", "--task", task, "--init", str(init), "--real-data", str(real),
                             "--beta", f"{args.beta:g}", "--total-env-steps", str(args.total_env_steps),
                             "--num-envs", str(args.num_envs),
-                            *(["--learning-rate", f"{args.learning_rate:g}"] if args.learning_rate else []),
+                            *(["--learning-rate", f"{args.learning_rate:g}"] if args.learning_rate is not None else []),
                             "--eval-every", "0", "--eval-episodes", str(args.episodes),
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
                             "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])

@@ -171,6 +171,10 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, random
     common = ["--policy", "pi05", "--alpha", "0.5", "--min-lr-ratio", "1.0", "--total-steps", "6",
               "--checkpoint-every", "2"]
     stage1.main(quick_args(tmp_path, random_data, *common, "--run-name", "straight"))
+    # writing the periodic checkpoints leaves the training itself as it is
+    stage1.main(quick_args(tmp_path, random_data, *common[:-2], "--checkpoint-every", "0", "--run-name", "none"))
+    assert [r["train/loss"] for r in read_metrics(tmp_path / "none")] == \
+        [r["train/loss"] for r in read_metrics(tmp_path / "straight")]
     lr_at = stage1.lr_at
 
     def dies_in_step_6(step, args):

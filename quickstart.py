@@ -1,6 +1,6 @@
 """The paper in miniature, on one task: `make quickstart` runs this.
 
-    python quickstart.py                 # close_drawer, tiny pi05, about 30 min on a 2-core CPU
+    python quickstart.py                 # close_drawer, tiny pi05, 24 min on an idle 2-core CPU
     python quickstart.py --scale ci      # a few steps per stage: checks the pipeline, not the method
 
 At the cpu scale every setting is the cpu study's (reproduce.py's SCALES["cpu"]: 300 sim and 20
@@ -70,7 +70,7 @@ class Args:
     policy: Literal["openvla", "pi05"] = "pi05"
     """policy family (tiny size)"""
     scale: Literal["cpu", "ci"] = "cpu"
-    """cpu: the cpu study's settings (~30 min on 2 cores for close_drawer); ci: a few steps per stage"""
+    """cpu: the cpu study's settings (24 min on 2 idle cores for close_drawer); ci: a few steps per stage"""
     alpha: Optional[float] = None
     """sim ratio of SFT co-training (default: the study's for the task, COTRAIN_ALPHA)"""
     beta: float = 0.1

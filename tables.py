@@ -120,7 +120,7 @@ def _unique(xs):
 
 def _mean_std(values: list[float], ddof: int) -> tuple[float, float | None]:
     mean = float(np.mean(values))
-    std = float(np.std(values, ddof=ddof)) if len(values) > ddof else None
+    std = float(np.std(values, ddof=ddof)) if len(values) > max(ddof, 1) else None  # one repeat: no spread
     return mean, std
 
 
@@ -276,8 +276,9 @@ def to_markdown(table: dict) -> str:
     for row in table["rows"]:
         lines.append("| " + " | ".join([row["method"]] + [format_cell(row["cells"].get(c))
                                                           for c in table["columns"]]) + " |")
-    note = (f"Success rate (%), mean +- {table['std']} over {len(table['repeats'])} repeat(s); "
-            f"{table['episodes']} episodes in all.")
+    spread = (f"mean +- {table['std']} over {len(table['repeats'])} repeats" if len(table["repeats"]) > 1
+              else "one repeat (no spread)")
+    note = f"Success rate (%), {spread}; {table['episodes']} episodes in all."
     if any("drop_pct" in (c or {}) for r in table["rows"] for c in r["cells"].values()):
         note += " In brackets: change relative to in_distribution."
     if any(_shows_ci(c) for r in table["rows"] for c in r["cells"].values()):

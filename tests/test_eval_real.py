@@ -99,9 +99,11 @@ def test_table_variants_show_relative_drop_and_missing_cells():
     assert sft["unseen_states"] is None
     md = eval_real.to_markdown(table)
     assert "| rlco | 70.0 +- 10.0 | 35.0 +- 5.0 (-50.0%) |" in md
-    assert "| sft | 100.0 +- 0.0 | - |" in md
-    # with the sample std a single repeat has no std: the cell shows the mean alone
+    # a single repeat has no spread, whichever std: the cell shows the mean alone
+    assert "| sft | 100.0 | - |" in md and sft["in_distribution"]["std"] is None
     assert "| sft | 100.0 | - |" in eval_real.to_markdown(eval_real.summarize(records, ddof=1))
+    one = eval_real.to_markdown(eval_real.summarize([r for r in records if r["method"] == "sft"]))
+    assert "one repeat (no spread)" in one and "+-" not in one
 
 
 def test_table_rejects_incomplete_records():

@@ -501,26 +501,31 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             path = Path(i["metrics"])
             if not path.exists():
                 continue
-            by_step = {}  # a resumed run may log an evaluation twice: the last one counts
+            by_iter = {}  # iteration -> (env steps, success); a resumed run may log one twice: the last counts
             for line in path.read_text().splitlines():
                 m = json.loads(line) if line.strip() else {}
                 if "eval/success_sim" in m:
-                    by_step[m["global_step"]] = 100.0 * m["eval/success_sim"]
-            if by_step:
-                curves.setdefault(i["init"], {})[i["seed"]] = by_step
+                    by_iter[m["iteration"]] = (m["global_step"], 100.0 * m["eval/success_sim"])
+            if by_iter:
+                curves.setdefault(i["init"], {})[i["seed"]] = [by_iter[it] for it in sorted(by_iter)]
         if curves:
             import numpy as np
 
             payload, rows = {}, []
             fig, ax = plt.subplots(figsize=(6, 4))
             for k, (init, seeds) in enumerate(curves.items()):
-                common = sorted(set.intersection(*(set(c) for c in seeds.values())))
-                pts = [{"mean": float(np.mean([c[s] for c in seeds.values()])),
-                        "std": float(np.std([c[s] for c in seeds.values()], ddof=DDOF)) if len(seeds) > DDOF else 0.0}
-                       for s in common]
-                payload[init] = {"seeds": sorted(seeds), "env_steps": common, "points": pts}
-                plot_lines(ax, common, pts, f"{init}, {len(seeds)} seed(s)", style=k)
-                rows += [[init, s, fmt(p)] for s, p in zip(common, pts)]
+                # Every seed evaluates on one schedule (every --eval-every iterations, then at its
+                # end), but an iteration's env steps differ between seeds (episodes end at different
+                # steps): the n-th evaluations are averaged, at their mean env steps. A seed still
+                # running has fewer: the curve stops where the last seed is.
+                n = min(len(c) for c in seeds.values())
+                steps = [int(round(np.mean([c[j][0] for c in seeds.values()]))) for j in range(n)]
+                pts = [{"mean": float(np.mean([c[j][1] for c in seeds.values()])),
+                        "std": float(np.std([c[j][1] for c in seeds.values()], ddof=DDOF)) if len(seeds) > DDOF else 0.0}
+                       for j in range(n)]
+                payload[init] = {"seeds": sorted(seeds), "env_steps": steps, "points": pts}
+                plot_lines(ax, steps, pts, f"{init}, {len(seeds)} seed(s)", style=k)
+                rows += [[init, s, fmt(p)] for s, p in zip(steps, pts)]
             ax.set_xlabel("Stage II env steps")
             ax.set_ylabel("sim success (%)")
             ax.set_ylim(-5, 105)

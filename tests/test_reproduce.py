@@ -271,14 +271,17 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     for key, s in steps.items():
         if s["kind"] == "eval" and key not in written_keys:
             write_eval(evals, key, s["cmd"], 2)
-    # Fig. 5 curves: seed 1 logs step 100 twice (a resumed run: the last one counts) and a step
-    # seed 2 never reached (left out of the mean)
-    logs = {1: [(0, 0.0), (100, 0.9), (100, 0.1), (200, 0.2), (300, 0.5)], 2: [(0, 0.0), (100, 0.3), (200, 0.2)]}
+    # Fig. 5 curves, evaluations every 50 iterations and at the end, as Stage II logs them: the
+    # seeds' env steps at an iteration differ; seed 1 logs iteration 50 twice (a resumed run: the
+    # last one counts) and its final evaluation at iteration 104, which seed 2 (still running)
+    # has not reached (left out of the mean)
+    logs = {1: [(0, 0, 0.0), (50, 9600, 0.9), (50, 9600, 0.1), (100, 19200, 0.2), (104, 20100, 0.5)],
+            2: [(0, 0, 0.0), (50, 9500, 0.3), (100, 19000, 0.2)]}
     for p in inputs["fig5"]:
         path = Path(p["metrics"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [{"iteration": 1, "global_step": 50, "train/loss": 1.0}]
-        lines += [{"iteration": i, "global_step": g, "eval/success_sim": v} for i, (g, v) in enumerate(logs[p["seed"]])]
+        lines = [{"iteration": 1, "global_step": 96, "train/loss": 1.0}]
+        lines += [{"iteration": i, "global_step": g, "eval/success_sim": v} for i, g, v in logs[p["seed"]]]
         path.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     written = reproduce.aggregate(inputs, evals, out, "ci")
@@ -331,7 +334,7 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     f5 = json.loads((out / "fig5.json").read_text())
     assert len(f5) == 2
     for curve in f5.values():
-        assert curve["seeds"] == [1, 2] and curve["env_steps"] == [0, 100, 200]
+        assert curve["seeds"] == [1, 2] and curve["env_steps"] == [0, 9550, 19100]
         assert [q["mean"] for q in curve["points"]] == pytest.approx([0.0, 20.0, 20.0])
         assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 14.1421, 0.0], abs=1e-3)
 

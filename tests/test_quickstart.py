@@ -160,8 +160,25 @@ def test_quickstart_runs_the_studys_cell_at_the_task_gap(tmp_path, monkeypatch, 
         assert flag(c, "--total-steps") == str(recipe["steps"])
         assert c[c.index("--policy-overrides") + 1:c.index("--policy-overrides") + 3] == recipe["overrides"]
 
+    # close_drawer by default at the gap the study's sweep separates the paradigms most clearly
+    plain, groups, summary = fake_quickstart(tmp_path / "cd", monkeypatch)
+    assert summary["gap"] == quickstart.SHOWCASE_GAP["close_drawer"] and flag(plain[-1], "--gap") == "0.75"
+
     with pytest.raises(SystemExit, match="in \\[0, 1\\]"):
         fake_quickstart(tmp_path / "bad", monkeypatch, "--gap", "1.5")
+
+
+def test_the_close_drawer_gap_is_where_the_sweep_separates_the_paradigms_most():
+    # the rule of docs/study_cpu_progress.md section 5, reapplied to the committed sweep: the
+    # largest mean RL-Co minus real-only difference, positive, ties to the larger gap
+    sweep = json.loads((ROOT / "results/reproduce_cpu/gap_sweep.json").read_text())
+    cells = {r["method"]: r["cells"] for r in sweep["rows"]}
+    diff = {float(c.removeprefix("gap ")): cells["RL-Co"][c]["mean"] - cells["Real-only SFT"][c]["mean"]
+            for c in sweep["columns"]}
+    best = max(diff, key=lambda g: (round(diff[g], 6), g))
+    assert sweep["task"] == "close_drawer" and diff[best] > 0
+    assert all(c["seeds"] == [1, 2] for row in cells.values() for c in row.values())
+    assert quickstart.SHOWCASE_GAP == {"close_drawer": best}
 
 
 def test_side_by_side_runs_at_once_logs_each_and_stops_on_a_failure(tmp_path, capsys):

@@ -238,7 +238,7 @@ def main(args: Args):
     print(f"\nTable I row, proxy_real success (%) at gap {gap:g}, one noise-free evaluation on identical initial "
           f"states (one training seed: a smoke test, not a comparison):\n")
     print((out_dir / f"{table_name}.md").read_text())
-    study_table = "gap_sweep.md" if args.task == "close_drawer" and gap != 1.0 else "table1.md"
+    study_table = "gap_sweep.md" if args.task in SHOWCASE_GAP and gap != calibrated_gap(args.task) else "table1.md"
     print(f"The study's cell, 2-3 training seeds: results/reproduce_cpu/{study_table}. Next: `make reproduce` "
           f"(SCALE=cpu|gpu); compare more checkpoints with\n"
           f"  python eval_real.py proxy --checkpoint {rlco} ... --task {args.task} --gap {gap:g}")

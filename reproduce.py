@@ -258,6 +258,10 @@ def build_plan(args: Args) -> tuple[dict, dict]:
                                                      ("no real data in Stage II (beta=0)", a, 0.0),
                                                      ("no real data in Stage I (alpha=1)", 1.0, BETA),
                                                      ("no real data in either stage", 1.0, 0.0))]
+        # the sim-only Stage I checkpoint itself: zero-shot transfer without RL, the bar the
+        # last one is read against (did RL in sim alone move proxy_real success?)
+        inputs["fig6"].append(dict(task=t, setting="sim-only SFT, no RL (alpha=1, Stage I alone)",
+                                   evals=per_seed(lambda s: stage1(t, "pi05", 1.0, n_real, s), t)))
     if "fig7" in args.only and FIG7_TASK in args.tasks:
         inputs["fig7"] = [dict(method=m, n_real=n, evals=ev["in_distribution"]) for n in S["fig7_real"]
                           for m, ev in three_paradigms(FIG7_TASK, "pi05", n).items()]

@@ -104,7 +104,8 @@ def test_plan_shares_runs_between_experiments(tmp_path):
     fig6 = [p["evals"] for p in inputs["fig6"]]
     assert fig6[0] == od["RL-Co"] and fig6[1] == fig4[("open_drawer", "beta", 0.0)]
     assert fig6[2] == [k.replace("a0p95_b0p1", "a1_b0p1") for k in fig4[("open_drawer", "beta", 0.1)]]
-    assert len({k for keys in fig6 for k in keys}) == 4 * len(S["seeds"])
+    assert fig6[4] == ["s1_" + k[len("s2_"):].replace("_b0p1", "") for k in fig6[2]]  # Stage I alone
+    assert len({k for keys in fig6 for k in keys}) == 5 * len(S["seeds"])
     # Fig. 5: the co-trained init's curve is Table I's RL-Co run; the real-only init starts from
     # Table I's real-only Stage I checkpoint
     # Table I's runs of every seed, and a real-only init curve per seed from that seed's checkpoint
@@ -339,8 +340,8 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
         assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 14.1421, 0.0], abs=1e-3)
 
     f6 = json.loads((out / "fig6.json").read_text())
-    assert [p["mean"] for p in f6] == pytest.approx([50.0, 50.0, 50.0, 12.5])
-    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 17.6777], abs=1e-3)
+    assert [p["mean"] for p in f6] == pytest.approx([50.0, 50.0, 50.0, 12.5, 50.0])
+    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 17.6777, 0.0], abs=1e-3)
     assert "| no real data in either stage | 12.5 +- 17.7 |" in (out / "fig6.md").read_text()
 
     f7md = (out / "fig7.md").read_text()
@@ -451,7 +452,7 @@ def test_cpu_scale_ablation_figures_use_a_task_stage1_learns(tmp_path):
     fig6 = {p["setting"]: p["evals"] for p in inputs["fig6"]}
     assert {p["task"] for p in inputs["fig5"] + inputs["fig6"]} == {"open_drawer"}
     assert fig6["RL-Co (real data in both stages)"] == t1["RL-Co"]
-    assert len({k for keys in fig6.values() for k in keys}) == 4 * len(S["seeds"])
+    assert len({k for keys in fig6.values() for k in keys}) == 5 * len(S["seeds"])
     for key in fig6["no real data in Stage I (alpha=1)"]:
         init = flag(steps[steps[key]["checkpoint"].parent.parent.name]["cmd"], "--init")
         s1 = steps[Path(init).parent.parent.name]["cmd"]

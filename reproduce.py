@@ -541,14 +541,24 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
         pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig6"]]
         if any(p["mean"] is not None for p in pts):
             have = [p for p in pts if p["mean"] is not None]
-            fig, ax = plt.subplots(figsize=(7, 4))
+            fig, ax = plt.subplots(figsize=(8, 4))
             ax.bar(range(len(have)), [p["mean"] for p in have], yerr=[p["std"] for p in have], capsize=4)
-            ax.set_xticks(range(len(have)), [p["setting"].replace(" (", "\n(") for p in have], fontsize=8)
+            ax.set_xticks(range(len(have)), [p["setting"].replace(" (", "\n(") for p in have], fontsize=7)
             ax.set_ylabel("proxy_real success (%)")
             ax.set_ylim(0, 105)
-            save("fig6", pts, f"### Fig. 6: real supervision removed ({inputs['fig6'][0]['task']}, pi0.5){note}\n\n"
+            # paired tests on the shared initial states, one per reading of the figure: each removal
+            # against RL-Co, real SFT in Stage II without real data in Stage I, and RL in sim alone
+            # against the sim-only checkpoint it started from
+            rlco, no_s2, no_s1, neither, stage1_alone = (i["setting"] for i in inputs["fig6"])
+            records = [r for i in inputs["fig6"] for r in seed_records(evals, i["evals"], i["setting"]) or []]
+            comparisons = paired_comparisons(records, [(rlco, no_s2), (rlco, no_s1), (no_s1, neither),
+                                                       (neither, stage1_alone)])
+            save("fig6", {"points": pts, "comparisons": comparisons},
+                 f"### Fig. 6: real supervision removed ({inputs['fig6'][0]['task']}, pi0.5){note}\n\n"
                  + series_markdown(["setting", "success (%)"],
-                                   [[p["setting"], fmt(p if p["mean"] is not None else None)] for p in pts]), fig)
+                                   [[p["setting"], fmt(p if p["mean"] is not None else None)] for p in pts])
+                 + "\nRepeats are training seeds; seed s of every setting is evaluated on the same initial states.\n\n"
+                 + comparisons_markdown(comparisons), fig)
     # Fig. 7: success vs number of real demos, for the three paradigms
     if inputs.get("fig7"):
         pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig7"]]

@@ -340,8 +340,14 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
         assert [q["std"] for q in curve["points"]] == pytest.approx([0.0, 14.1421, 0.0], abs=1e-3)
 
     f6 = json.loads((out / "fig6.json").read_text())
-    assert [p["mean"] for p in f6] == pytest.approx([50.0, 50.0, 50.0, 12.5, 50.0])
-    assert [p["std"] for p in f6] == pytest.approx([0.0, 0.0, 0.0, 17.6777, 0.0], abs=1e-3)
+    assert [p["mean"] for p in f6["points"]] == pytest.approx([50.0, 50.0, 50.0, 12.5, 50.0])
+    assert [p["std"] for p in f6["points"]] == pytest.approx([0.0, 0.0, 0.0, 17.6777, 0.0], abs=1e-3)
+    # paired on the shared states: RL-Co vs each removal, alpha 1 with vs without beta, sim RL alone
+    # vs its Stage I checkpoint
+    f6_diffs = {(c["a"].split(" (")[0], c["b"].split(" (")[0]): c["diff_pct"] for c in f6["comparisons"]}
+    assert f6_diffs == pytest.approx({("RL-Co", "no real data in Stage II"): 0.0, ("RL-Co", "no real data in Stage I"): 0.0,
+                                      ("no real data in Stage I", "no real data in either stage"): 37.5,
+                                      ("no real data in either stage", "sim-only SFT, no RL"): -37.5})
     assert "| no real data in either stage | 12.5 +- 17.7 |" in (out / "fig6.md").read_text()
 
     f7md = (out / "fig7.md").read_text()

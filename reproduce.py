@@ -383,7 +383,11 @@ def seed_records(evals: Path, keys: list[str], method: str) -> list[dict] | None
 def point(evals: Path, keys: list[str]) -> dict | None:
     """success (%) of one point: mean and sample std over training seeds (one noise-free evaluation
     each, on the same initial states) and the bootstrap CI over seeds and states."""
-    records = seed_records(evals, keys, "point")
+    return point_of(seed_records(evals, keys, "point"))
+
+
+def point_of(records: list[dict] | None) -> dict | None:
+    """point() of records already read by seed_records (None: not every seed evaluated yet)."""
     if records is None:
         return None
     table = summarize(records, ddof=DDOF)
@@ -538,7 +542,8 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                  + series_markdown(["init", "env steps", "sim success (%), mean +- std over seeds"], rows), fig)
     # Fig. 6: real supervision removed from Stage I, Stage II or both
     if inputs.get("fig6"):
-        pts = [{**i, **(point(evals, i["evals"]) or {"mean": None})} for i in inputs["fig6"]]
+        per_setting = [seed_records(evals, i["evals"], i["setting"]) for i in inputs["fig6"]]
+        pts = [{**i, **(point_of(r) or {"mean": None})} for i, r in zip(inputs["fig6"], per_setting)]
         if any(p["mean"] is not None for p in pts):
             have = [p for p in pts if p["mean"] is not None]
             fig, ax = plt.subplots(figsize=(8, 4))
@@ -550,7 +555,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             # against RL-Co, real SFT in Stage II without real data in Stage I, and RL in sim alone
             # against the sim-only checkpoint it started from
             rlco, no_s2, no_s1, neither, stage1_alone = (i["setting"] for i in inputs["fig6"])
-            records = [r for i in inputs["fig6"] for r in seed_records(evals, i["evals"], i["setting"]) or []]
+            records = [r for recs in per_setting for r in recs or []]
             comparisons = paired_comparisons(records, [(rlco, no_s2), (rlco, no_s1), (no_s1, neither),
                                                        (neither, stage1_alone)])
             save("fig6", {"points": pts, "comparisons": comparisons},

@@ -3,7 +3,9 @@ sim-only Stage I run of scripts/learnability.py, one run per Stage II seed, each
 noise-free protocol on the same 50 sim episodes (envs.eval_seeds) as its starting checkpoint.
 Appends a row per task, policy and attempt to results/reproduce_cpu/rl_gain.json: the mean over
 seeds before and after, per-seed values, the rollout success of the first and last quarter of the
-iterations (sampled chain, first episode of every env) and wall times. The study asks for a gain
+iterations (sampled chain, first episode of every env) and times: the wall time of each run this
+invocation trained (None for a finished run it only read) and, for every run, its training loop's
+time from its own metrics (rollouts + updates, without evaluations or start-up). The study asks for a gain
 of >= 15 points (mean over >= 3 Stage II seeds).
 
     python scripts/rl_gain.py --tasks open_drawer --init-attempt default --seeds 1 2 3
@@ -70,6 +72,11 @@ def quarter_success(rows: list[dict]) -> tuple[float, float]:
     return sum(succ[:q]) / q, sum(succ[-q:]) / q
 
 
+def loop_seconds(rows: list[dict]) -> float:
+    """Seconds a run spent in its training loop (rollouts + updates), summed from its metrics.jsonl rows."""
+    return sum(r.get("perf/rollout_time", 0.0) + r.get("perf/update_time", 0.0) for r in rows)
+
+
 def main(args: Args):
     py = sys.executable
     out = ROOT / args.out
@@ -83,11 +90,11 @@ def main(args: Args):
         real = dataset_dir(args.data_dir, task, "proxy_real", args.real_episodes, args.image_size)
         if not (real / "meta" / "info.json").exists():
             sys.exit(f"no dataset at {real}: scripts/learnability.py --tasks {task} makes it")
-        after, walls, quarters, env_steps = [], [], [], []
+        after, walls, loops, quarters, env_steps = [], [], [], [], []
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
             final = ROOT / args.runs_dir / name / "checkpoints" / "final"
-            wall = 0.0
+            wall = None  # a finished run is only read: its wall time is not this invocation's to report
             if not (final / "config.json").exists():
                 resume = ["--resume"] if (ROOT / args.runs_dir / name / "args.json").exists() else []
                 wall = run([py, "stage2_rl_cotrain.py", "--task", task, "--init", str(init), "--real-data", str(real),
@@ -102,7 +109,8 @@ def main(args: Args):
                        if line.strip()]
             quarters.append(quarter_success(metrics))
             env_steps.append(max(r.get("global_step", 0) for r in metrics))
-            walls.append(round(wall, 1))
+            walls.append(None if wall is None else round(wall, 1))
+            loops.append(round(loop_seconds(metrics), 1))
         mean_after = sum(after) / len(after)
         row = {"task": task, "policy": args.policy, "seeds": list(args.seeds), "env_steps": max(env_steps),
                "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
@@ -112,7 +120,7 @@ def main(args: Args):
                        "(sim-only Stage I, alpha 1)",
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],
                "rollout_success_last_quarter": [round(b, 3) for _, b in quarters],
-               "stage2_wall_s": walls, "criterion_met": mean_after - before >= 15.0 and len(args.seeds) >= 3}
+               "stage2_wall_s": walls, "stage2_loop_s": loops, "criterion_met": mean_after - before >= 15.0 and len(args.seeds) >= 3}
         upsert_row(out, row)
         print(f"{task} {args.policy} {args.attempt}: sim success {before:.1f} % -> {mean_after:.1f} % "
               f"(per seed {after}), {args.episodes} episodes; written to {out}", flush=True)

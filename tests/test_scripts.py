@@ -65,8 +65,8 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
         run_dir = Path(cmd[cmd.index("--runs-dir") + 1]) / cmd[cmd.index("--run-name") + 1]
         (run_dir / "checkpoints" / "final").mkdir(parents=True)
         (run_dir / "checkpoints" / "final" / "config.json").write_text(json.dumps({"extra": {"eval/success_sim": 0.7}}))
-        (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "global_step": 200,
-                                                           "charts/episode_success": 0.5}) + "\n")
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "global_step": 200, "charts/episode_success": 0.5,
+                                                           "perf/rollout_time": 3.0, "perf/update_time": 1.5}) + "\n")
         return 1.0
 
     monkeypatch.setattr(rl_gain, "run", pretend)
@@ -82,6 +82,12 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
     rows = {r["attempt"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert (rows["beta0"]["learning_rate"], rows["preset"]["learning_rate"]) == (1e-4, None)
     assert rows["beta0"]["sim_before_pct"] == 50.0 and rows["beta0"]["gain_points"] == pytest.approx(20.0)
+    assert rows["beta0"]["stage2_wall_s"] == [1.0] and rows["beta0"]["stage2_loop_s"] == [4.5]
+    # a second invocation only reads the finished run: no wall time of its own, the loop time from its log
+    rl_gain.main(rl_gain.tyro.cli(rl_gain.Args, args=[*common, "--runs-dir", str(tmp_path / "a")]))
+    assert len(commands) == 2
+    row = next(r for r in json.loads((tmp_path / "rows.json").read_text()) if r["attempt"] == "beta0")
+    assert row["stage2_wall_s"] == [None] and row["stage2_loop_s"] == [4.5]
 
 
 def test_a_row_written_beside_another_run_keeps_both(tmp_path):

@@ -547,7 +547,7 @@ def main(args: Args):
                     n_mb += 1
                     for k, v in dict(terms, loss=loss, ppo_loss=ppo_loss, clipfrac=clipfrac, approx_kl=approx_kl,
                                      grad_norm_actor=grad_actor, grad_norm_value=grad_critic).items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                        sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
                     if args.target_kl and approx_kl > args.target_kl:
                         stop_update = True
                         break

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +48,9 @@ class Args:
     the first demos): does the policy reproduce its own demos?"""
     trace: int = 0
     """print every 4th step (phase, tcp tilt, policy and expert actions) of the first N episodes"""
+    zero_dims: list[int] = field(default_factory=list)
+    """execute the policy's actions with these dimensions set to 0 (e.g. 3 4: no roll or pitch
+    command); the errors are still those of the policy's own actions. Does a failure come from them?"""
     out: Optional[str] = None
     """also write one JSON line per episode here"""
 
@@ -91,6 +94,7 @@ def probe(args: Args) -> list[dict]:
             obs, _ = env.reset(seed=[seed])
             errors, phases, step, decision, done = [], [], 0, 0, False
             closest, named = object_xy_distances(raw, args.task)
+            max_tilt = tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy())
             while not done:
                 if not use_expert:
                     if obs["image"] is None:
@@ -109,26 +113,30 @@ def probe(args: Args) -> list[dict]:
                     phases.append(phase)
                     closest = np.minimum(closest, object_xy_distances(raw, args.task)[0])
                     errors.append(np.abs(action - expert))
+                    if args.zero_dims and not use_expert:
+                        action = action.copy()
+                        action[args.zero_dims] = 0.0
                     if k < args.trace and step % 4 == 0:
                         print(f"  step {step:3d} phase {phase} tilt {tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy()):5.1f} deg"
                               f"  policy {np.round(action, 2)}  expert {np.round(expert, 2)}")
                     obs, _, terminated, truncated, info = env.step(action[None].astype(np.float32),
                                                                    render=j == horizon - 1 and not use_expert)
                     step += 1
+                    max_tilt = max(max_tilt, tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy()))
                     if terminated[0] or truncated[0]:
                         done = True
                         break
                 decision += 1
             error = np.mean(errors, axis=0)
             record = {"seed": int(seed), "success": bool(info["success"][0]), "steps": step,
-                      "max_expert_phase": max(phases),
+                      "max_expert_phase": max(phases), "max_tilt_deg": round(max_tilt, 1),
                       "closest_xy_cm": np.round(100 * closest.astype(float), 1).tolist(), "named_object": named,
                       "went_to_named": bool(np.argmin(closest) == named), "mean_abs_action_error": dict(zip(DIMS, np.round(error, 3).tolist()))}
             if not use_expert and args.task == "push_cube":
                 record["first_xyz_change_other_cube_named"] = np.round(first_change.astype(float), 3).tolist()
             records.append(record)
             print(f"seed {seed}: {'success' if record['success'] else 'fail'} after {step} steps, furthest expert phase "
-                  f"{record['max_expert_phase']}, closest approach (cm) {record['closest_xy_cm']} (named: {named}), "
+                  f"{record['max_expert_phase']}, max tilt {max_tilt:.0f} deg, closest approach (cm) {record['closest_xy_cm']} (named: {named}), "
                   f"mean |policy - expert| " + " ".join(f"{d} {e:.2f}" for d, e in zip(DIMS, error)),
                   flush=True)
     phases = np.bincount([r["max_expert_phase"] for r in records])

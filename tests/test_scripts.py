@@ -159,6 +159,32 @@ def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
     assert record["went_to_named"] == (int(np.argmin(record["closest_xy_cm"])) == record["named_object"])
 
 
+def test_failure_probe_zero_dims_removes_a_command_but_still_scores_it(monkeypatch):
+    # a stand-in policy that only ever pitches (0.5 = 0.05 rad per step): executed, the gripper
+    # tilts far from top-down; with --zero-dims 3 4 it stays top-down, while the error reported is
+    # still that of the policy's own pitch command
+    failure_probe = load("failure_probe")
+
+    class Pitches:
+        exec_horizon, config = 4, {"camera_image_size": 64}
+
+    def act_fn(policy, deterministic):
+        def act(obs, keys):
+            chunk = np.zeros((1, 4, 7), np.float32)
+            chunk[..., 4], chunk[..., 6] = 0.5, 1.0
+            return chunk
+        return act
+
+    monkeypatch.setattr(failure_probe.policies, "load_policy", lambda path: Pitches())
+    monkeypatch.setattr(failure_probe.policies, "eval_act_fn", act_fn)
+    as_is, zeroed = (failure_probe.probe(failure_probe.Args(checkpoint="stand-in", task="open_drawer", episodes=1,
+                                                            zero_dims=dims))[0] for dims in ([], [3, 4]))
+    assert as_is["max_tilt_deg"] > 30.0 and zeroed["max_tilt_deg"] < 5.0
+    # top-down, the expert commands no pitch: the error is the policy's 0.5, not the executed 0
+    assert zeroed["mean_abs_action_error"]["dpitch"] == pytest.approx(0.5, abs=0.05)
+    assert as_is["mean_abs_action_error"]["dpitch"] > 1.0  # tilted, the expert pitches back hard
+
+
 def test_grounding_probe_scores_whether_the_frame_and_the_named_cube_are_read():
     # a stand-in policy whose first dx reads the image (pixel value / 100) and whose first dy
     # follows the word "red" (+0.2, else -0.2), on three frames whose expert actions it matches: no

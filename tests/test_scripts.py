@@ -133,23 +133,31 @@ def test_failure_probe_sees_which_cube_the_episode_went_for():
     assert closest[named] < 6.0 and min(c for i, c in enumerate(closest) if i != named) > 8.0
 
 
-def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
-    # a stand-in policy whose lateral command follows the word "red": naming another cube changes
-    # its first dy by 0.4 (red is one of the two colours of every swap), and nothing else
-    failure_probe = load("failure_probe")
-
-    class ReadsRed:
+def stand_in_policy(monkeypatch, failure_probe, fill):
+    """Make failure_probe load a stand-in policy: chunks of 4 zero actions that fill(obs, chunk) edits."""
+    class StandIn:
         exec_horizon, config = 4, {"camera_image_size": 64}
 
     def act_fn(policy, deterministic):
         def act(obs, keys):
             chunk = np.zeros((1, 4, 7), np.float32)
-            chunk[..., 1] = 0.2 if "red" in obs["instruction"][0] else -0.2
+            fill(obs, chunk)
             return chunk
         return act
 
-    monkeypatch.setattr(failure_probe.policies, "load_policy", lambda path: ReadsRed())
+    monkeypatch.setattr(failure_probe.policies, "load_policy", lambda path: StandIn())
     monkeypatch.setattr(failure_probe.policies, "eval_act_fn", act_fn)
+
+
+def test_failure_probe_measures_whether_the_instruction_is_read(monkeypatch):
+    # a stand-in policy whose lateral command follows the word "red": naming another cube changes
+    # its first dy by 0.4 (red is one of the two colours of every swap), and nothing else
+    failure_probe = load("failure_probe")
+
+    def reads_red(obs, chunk):
+        chunk[..., 1] = 0.2 if "red" in obs["instruction"][0] else -0.2
+
+    stand_in_policy(monkeypatch, failure_probe, reads_red)
     record = failure_probe.probe(failure_probe.Args(checkpoint="stand-in", task="push_cube", episodes=1,
                                                     train_states=True))[0]
     assert record["seed"] == failure_probe.envs.train_seed(0)
@@ -165,18 +173,10 @@ def test_failure_probe_zero_dims_removes_a_command_but_still_scores_it(monkeypat
     # still that of the policy's own pitch command
     failure_probe = load("failure_probe")
 
-    class Pitches:
-        exec_horizon, config = 4, {"camera_image_size": 64}
+    def pitches(obs, chunk):
+        chunk[..., 4], chunk[..., 6] = 0.5, 1.0
 
-    def act_fn(policy, deterministic):
-        def act(obs, keys):
-            chunk = np.zeros((1, 4, 7), np.float32)
-            chunk[..., 4], chunk[..., 6] = 0.5, 1.0
-            return chunk
-        return act
-
-    monkeypatch.setattr(failure_probe.policies, "load_policy", lambda path: Pitches())
-    monkeypatch.setattr(failure_probe.policies, "eval_act_fn", act_fn)
+    stand_in_policy(monkeypatch, failure_probe, pitches)
     as_is, zeroed = (failure_probe.probe(failure_probe.Args(checkpoint="stand-in", task="open_drawer", episodes=1,
                                                             zero_dims=dims))[0] for dims in ([], [3, 4]))
     assert as_is["max_tilt_deg"] > 30.0 and zeroed["max_tilt_deg"] < 5.0

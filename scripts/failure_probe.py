@@ -113,12 +113,12 @@ def probe(args: Args) -> list[dict]:
                     phases.append(phase)
                     closest = np.minimum(closest, object_xy_distances(raw, args.task)[0])
                     errors.append(np.abs(action - expert))
-                    if args.zero_dims and not use_expert:
-                        action = action.copy()
-                        action[args.zero_dims] = 0.0
                     if k < args.trace and step % 4 == 0:
                         print(f"  step {step:3d} phase {phase} tilt {tilt_degrees(raw.agent.tcp_pose.q[0].cpu().numpy()):5.1f} deg"
                               f"  policy {np.round(action, 2)}  expert {np.round(expert, 2)}")
+                    if args.zero_dims and not use_expert:  # after the trace: it shows the policy's own action
+                        action = action.copy()
+                        action[args.zero_dims] = 0.0
                     obs, _, terminated, truncated, info = env.step(action[None].astype(np.float32),
                                                                    render=j == horizon - 1 and not use_expert)
                     step += 1

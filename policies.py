@@ -114,6 +114,10 @@ def _model_defaults(kind: str, size: str) -> dict:
             # of openpi: (3, 4, 5, 6, 7) gives the tcp orientation and the gripper but not the tcp
             # position, from which the demos can be fit without reading the image
             state_input_dims=None,
+            # the value head also reads the normalised robot state (all dims), beside the pooled
+            # prefix: an asymmetric critic for a policy that does not read the state. Not openpi
+            # or RLinf (their critic reads what the actor reads); set by Stage II's --critic-state
+            value_state_input=False,
         )
         if size == "tiny":
             # ~2.2M parameters, 16 image tokens, 2-layer Gemma VLM and expert
@@ -790,8 +794,8 @@ class Pi05Policy(Policy):
         # ReinFlow noise head on the expert's output (RLinf flow_noise): per-step, per-dim std
         self.noise_head = nn.Sequential(nn.Linear(W, m["noise_hidden"]), nn.GELU(),
                                         nn.Linear(m["noise_hidden"], self.action_dim))
-        # critic on the mean of the prefix tokens (RLinf)
-        self.value_head = make_value_head(m["vlm_width"], m["value_hidden"])
+        # critic on the mean of the prefix tokens (RLinf), with the state beside it where asked
+        self.value_head = make_value_head(self._value_input_width(), m["value_hidden"])
         # the VLM's Gemma layers run gemma_layer as their forward (shared attention with the expert)
         for layer in self.vlm.vision_tower.encoder.layers:
             _make_checkpointable(layer)
@@ -841,9 +845,26 @@ class Pi05Policy(Policy):
         out = self.vlm.language_model.norm(x)
         return {"kv": kv, "mask": mask, "length": mask.sum(1), "out": out}
 
-    def _value(self, prefix):
+    def _value_input_width(self):
+        m = self.config["model"]
+        return m["vlm_width"] + (self.state_dim if m.get("value_state_input", False) else 0)
+
+    def use_state_in_value_head(self):
+        """Give the critic the normalised robot state beside the pooled prefix (a new value head,
+        randomly initialised: Stage I never trains it). Saved in the config, so a checkpoint
+        reloads with the same head."""
+        if self.config["model"].get("value_state_input", False):
+            return
+        self.config["model"]["value_state_input"] = True
+        old = self.value_head[0]
+        self.value_head = make_value_head(self._value_input_width(), self.config["model"]["value_hidden"]).to(
+            device=old.weight.device, dtype=old.weight.dtype)
+
+    def _value(self, prefix, state):
         mask = prefix["mask"][..., None].float()
         pooled = (prefix["out"].float() * mask).sum(1) / mask.sum(1)
+        if self.config["model"].get("value_state_input", False):
+            pooled = torch.cat([pooled, self.normalize_state(state).float()], dim=-1)
         return self.value_head(pooled).squeeze(-1).float()
 
     def velocity(self, prefix, x_t, t):
@@ -922,7 +943,7 @@ class Pi05Policy(Policy):
         gen_device = generator.device if generator is not None else self.device
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
-            value = self._value(prefix)
+            value = self._value(prefix, state)
             x = x0.to(self.device, torch.float32)
             step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
             chain = [x]
@@ -953,7 +974,7 @@ class Pi05Policy(Policy):
         B, K = chain.shape[0], chain.shape[1] - 1
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
-            value = self._value(prefix)
+            value = self._value(prefix, state)
             x0 = chain[:, 0]
             step_logprob = _gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).sum(-1)
             step_entropy = torch.zeros((B, chain.shape[2]), device=self.device)

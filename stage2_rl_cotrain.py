@@ -119,6 +119,8 @@ class Args:
     """stop the iteration's update once the approximate KL exceeds this (0: never) [preset]"""
     critic_warmup_iters: Optional[int] = None
     """first iterations in which only the value head learns [preset]"""
+    critic_state: bool = False
+    """pi05: the value head also reads the normalised robot state (a new, untrained head; the actor is unchanged): an asymmetric critic for a policy trained without the state (discrete_state_input false), whose value would otherwise be read from the image alone"""
     sft_batch_size: Optional[int] = None
     """real samples drawn for every minibatch (default: the minibatch size)"""
     recompute_logprob: Optional[bool] = None
@@ -341,6 +343,12 @@ def main(args: Args):
     from_preset = {k: v for k, v in PRESETS[(policy.kind, size)].items() if getattr(args, k) is None}
     for key, value in from_preset.items():
         setattr(args, key, value)
+    if args.critic_state and not resume_from:
+        if policy.kind != "pi05":
+            fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
+        with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched
+            torch.manual_seed(args.seed)
+            policy.use_state_in_value_head()  # saved in the config: resume and evaluation rebuild it
     args.exec_horizon = args.exec_horizon or policy.chunk_size
     if not 1 <= args.exec_horizon <= policy.chunk_size:
         fail(f"--exec-horizon must lie in [1, {policy.chunk_size}] (the policy's chunk), got {args.exec_horizon}")

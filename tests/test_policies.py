@@ -263,6 +263,37 @@ def test_pi05_without_discrete_state_input_ignores_the_state():
     assert (c - d).abs().max() > 1e-3
 
 
+def test_pi05_critic_state_reads_the_state_in_the_value_only_and_survives_save_and_load(tmp_path):
+    # Stage II's --critic-state: a policy without the state gets a critic that reads it
+    policy = new_policy("pi05", discrete_state_input=False).eval()
+    obs, moved = make_obs(2), make_obs(2)
+    moved["state"] = moved["state"] + 0.5
+    def both(p):
+        with torch.no_grad():
+            return (p.act(obs, deterministic=True, x0_seeds=[1, 2]), p.act(moved, deterministic=True, x0_seeds=[1, 2]))
+    a, b = both(policy)
+    assert torch.equal(a["value"], b["value"])  # the plain critic reads the prefix alone
+    width = policy.value_head[0].in_features
+    policy.use_state_in_value_head()
+    assert policy.value_head[0].in_features == width + policy.state_dim
+    c, d = both(policy)
+    assert torch.equal(c["actions"], a["actions"]) and torch.equal(d["actions"], a["actions"])  # actor unchanged
+    assert (c["value"] - d["value"]).abs().max() > 1e-4
+    # the value is the head applied to [pooled prefix, normalised state], computed here by hand
+    with torch.no_grad():
+        image, state, instructions = policy._obs(moved)
+        prefix = policy._prefix(image, state, instructions)
+        mask = prefix["mask"][..., None].float()
+        pooled = (prefix["out"] * mask).sum(1) / mask.sum(1)
+        by_hand = policy.value_head(torch.cat([pooled, policy.normalize_state(state)], -1)).squeeze(-1)
+    torch.testing.assert_close(d["value"], by_hand)
+    policy.save(tmp_path / "ckpt", extra={"stage": "stage2"})
+    loaded = policies.load_policy(tmp_path / "ckpt").eval()
+    e, f = both(loaded)
+    torch.testing.assert_close(e["value"], c["value"])
+    torch.testing.assert_close(f["value"], d["value"])
+
+
 def test_pi05_state_input_dims_keeps_only_the_chosen_state_dimensions():
     # (3, ..., 7): the tcp orientation and the gripper reach the prompt, the tcp position does not
     policy = new_policy("pi05", state_input_dims=(3, 4, 5, 6, 7)).eval()

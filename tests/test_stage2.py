@@ -334,6 +334,30 @@ def test_critic_warmup_trains_only_the_value_head_and_target_kl_stops_the_update
     assert train_rows(read_metrics(stopped))[0]["losses/minibatches"] == 2
 
 
+def test_critic_state_trains_a_value_head_that_reads_the_state(files, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    use_bandit(monkeypatch)
+    init = stage1_checkpoint(tmp_path / "nostate", "pi05", discrete_state_input=False, **SMALL["pi05"])
+    args = bandit_args(files, tmp_path, "pi05", iterations=1, init=str(init), critic_state=True,
+                       critic_warmup_iters=1, beta=0.0)
+    stage2.main(args)
+    final = Path(args.runs_dir) / "run/checkpoints/final"
+    policy = policies.load_policy(final)
+    assert policy.config["model"]["value_state_input"] is True
+    assert policy.value_head[0].in_features == policy.config["model"]["vlm_width"] + policy.state_dim
+    before, after = load_file(init / "model.safetensors"), load_file(final / "model.safetensors")
+    # the actor is the Stage I one (warm-up: only the value head learnt); the head is new and trained
+    assert all(torch.equal(before[n], after[n]) for n in before if not n.startswith("value_head."))
+    start = policies.load_policy(init)
+    with torch.random.fork_rng():  # the head the run started from (seeded by --seed, as every process does)
+        torch.manual_seed(args.seed)
+        start.use_state_in_value_head()
+    assert start.value_head[0].weight.shape == policy.value_head[0].weight.shape
+    assert not torch.equal(start.value_head[0].weight, policy.value_head[0].weight)
+    err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, critic_state=True, run_name="ov"), capsys)
+    assert "--critic-state is for pi05 policies" in err
+
+
 @pytest.mark.parametrize("kind", ["pi05"])
 def test_resume_continues_exactly(files, tmp_path, monkeypatch, kind):
     from safetensors.torch import load_file

@@ -119,6 +119,8 @@ class Args:
     """stop the iteration's update once the approximate KL exceeds this (0: never) [preset]"""
     critic_warmup_iters: Optional[int] = None
     """first iterations in which only the value head learns [preset]"""
+    temperature: Optional[float] = None
+    """openvla: sampling temperature of the action tokens in the rollouts and in PPO's log-probs (default: the checkpoint's, 1.0 as RL4VLA); saved in the checkpoint. Greedy evaluation does not depend on it"""
     critic_state: bool = False
     """pi05: the value head also reads the normalised robot state (a new, untrained head; the actor is unchanged): an asymmetric critic for a policy trained without the state (discrete_state_input false), whose value would otherwise be read from the image alone"""
     sft_batch_size: Optional[int] = None
@@ -349,6 +351,12 @@ def main(args: Args):
         with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched
             torch.manual_seed(args.seed)
             policy.use_state_in_value_head()  # saved in the config: resume and evaluation rebuild it
+    if args.temperature is not None and not resume_from:
+        if policy.kind != "openvla":
+            fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
+        if not args.temperature > 0:
+            fail(f"--temperature must be > 0, got {args.temperature}")
+        policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
     args.exec_horizon = args.exec_horizon or policy.chunk_size
     if not 1 <= args.exec_horizon <= policy.chunk_size:
         fail(f"--exec-horizon must lie in [1, {policy.chunk_size}] (the policy's chunk), got {args.exec_horizon}")

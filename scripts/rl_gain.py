@@ -48,6 +48,8 @@ class Args:
     """parallel training envs"""
     learning_rate: Optional[float] = None
     """actor learning rate (default: Stage II's preset for the policy)"""
+    temperature: Optional[float] = None
+    """Stage II's --temperature (openvla): the rollouts' token sampling temperature"""
     critic_state: bool = False
     """Stage II's --critic-state (pi05): the value head also reads the robot state"""
     episodes: int = 50
@@ -104,6 +106,7 @@ def main(args: Args):
                             "--num-envs", str(args.num_envs),
                             *(["--learning-rate", f"{args.learning_rate:g}"] if args.learning_rate is not None else []),
                             *(["--critic-state"] if args.critic_state else []),
+                            *(["--temperature", f"{args.temperature:g}"] if args.temperature is not None else []),
                             "--eval-every", "0", "--eval-episodes", str(args.episodes),
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
                             "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])
@@ -119,7 +122,7 @@ def main(args: Args):
                "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
                "gain_points": mean_after - before, "episodes": args.episodes, "beta": args.beta,
                "num_envs": args.num_envs, "learning_rate": args.learning_rate,
-               "critic_state": args.critic_state, "attempt": args.attempt,
+               "critic_state": args.critic_state, "temperature": args.temperature, "attempt": args.attempt,
                "init": f"{init_run.relative_to(ROOT) if init_run.is_relative_to(ROOT) else init_run} "
                        "(sim-only Stage I, alpha 1)",
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],

@@ -358,6 +358,25 @@ def test_critic_state_trains_a_value_head_that_reads_the_state(files, tmp_path, 
     assert "--critic-state is for pi05 policies" in err
 
 
+def test_temperature_sets_the_sampling_of_rollouts_and_log_probs_and_is_saved(files, tmp_path, monkeypatch, capsys):
+    use_bandit(monkeypatch)
+    entropy = {}
+    for temperature in (1.0, 0.25):
+        args = bandit_args(files, tmp_path, "openvla", iterations=1, temperature=temperature, run_name=f"t{temperature}")
+        stage2.main(args)
+        row = train_rows(read_metrics(args))[0]
+        assert row["losses/first_minibatch_ratio_dev"] < 1e-5  # rollout and update sample at the same temperature
+        entropy[temperature] = row["losses/entropy"]
+        final = Path(args.runs_dir) / args.run_name / "checkpoints/final"
+        assert policies.load_policy(final).config["model"]["temperature"] == temperature
+    # a colder softmax: less entropy per token (the init's logits are nearly flat: log 256 = 5.545 at 1.0)
+    assert entropy[0.25] < entropy[1.0] - 0.01, entropy
+    err = run_expecting_error(bandit_args(files, tmp_path, "pi05", 1, temperature=0.5, run_name="p"), capsys)
+    assert "--temperature is for openvla policies" in err
+    err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, temperature=0.0, run_name="z"), capsys)
+    assert "--temperature must be > 0" in err
+
+
 @pytest.mark.parametrize("kind", ["pi05"])
 def test_resume_continues_exactly(files, tmp_path, monkeypatch, kind):
     from safetensors.torch import load_file

@@ -345,18 +345,25 @@ def main(args: Args):
     from_preset = {k: v for k, v in PRESETS[(policy.kind, size)].items() if getattr(args, k) is None}
     for key, value in from_preset.items():
         setattr(args, key, value)
-    if args.critic_state and not resume_from:
-        if policy.kind != "pi05":
-            fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
-        with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched
-            torch.manual_seed(args.seed)
-            policy.use_state_in_value_head()  # saved in the config: resume and evaluation rebuild it
-    if args.temperature is not None and not resume_from:
-        if policy.kind != "openvla":
-            fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
-        if not args.temperature > 0:
-            fail(f"--temperature must be > 0, got {args.temperature}")
-        policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
+    if args.critic_state and policy.kind != "pi05":
+        fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
+    if args.temperature is not None and policy.kind != "openvla":
+        fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
+    if args.temperature is not None and not args.temperature > 0:
+        fail(f"--temperature must be > 0, got {args.temperature}")
+    if resume_from is None:
+        if args.critic_state:
+            with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched
+                torch.manual_seed(args.seed)
+                policy.use_state_in_value_head()  # saved in the config: resume and evaluation rebuild it
+        if args.temperature is not None:
+            policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
+    else:  # the checkpoint's config holds both: a resume may not ask for something else
+        if args.critic_state and not policy.config["model"].get("value_state_input", False):
+            fail(f"--critic-state: the run in {run_dir} was started without it; resume it without the option")
+        if args.temperature is not None and args.temperature != policy.config["model"]["temperature"]:
+            fail(f"--temperature {args.temperature:g}: the run in {run_dir} samples at "
+                 f"{policy.config['model']['temperature']:g}; resume it with that temperature or without the option")
     args.exec_horizon = args.exec_horizon or policy.chunk_size
     if not 1 <= args.exec_horizon <= policy.chunk_size:
         fail(f"--exec-horizon must lie in [1, {policy.chunk_size}] (the policy's chunk), got {args.exec_horizon}")

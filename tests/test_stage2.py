@@ -375,6 +375,10 @@ def test_temperature_sets_the_sampling_of_rollouts_and_log_probs_and_is_saved(fi
     assert "--temperature is for openvla policies" in err
     err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, temperature=0.0, run_name="z"), capsys)
     assert "--temperature must be > 0" in err
+    # a resume keeps the run's temperature: asking for another one is an error, not a silent no-op
+    resumed = bandit_args(files, tmp_path, "openvla", iterations=2, temperature=0.5, run_name="t0.25", resume=True)
+    err = run_expecting_error(resumed, capsys)
+    assert "samples at 0.25" in err
 
 
 @pytest.mark.parametrize("kind", ["pi05"])

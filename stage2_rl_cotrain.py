@@ -301,6 +301,8 @@ def main(args: Args):
         fail(f"unknown task {args.task!r}; choose one of {', '.join(envs.TASKS)}")
     if not args.beta >= 0:
         fail(f"--beta must be >= 0 (the weight of the real SFT loss in Eq. 5), got {args.beta}")
+    if args.temperature is not None and not args.temperature > 0:
+        fail(f"--temperature must be > 0, got {args.temperature}")
     args.real_data = args.real_data or f"data/{args.task}/proxy_real"
     args.run_name = args.run_name or f"stage2_{args.task}_beta{args.beta:g}_s{args.seed}"
     run_dir, resume_from = plumbing.open_run(args.runs_dir, args.run_name, args.resume)
@@ -349,8 +351,6 @@ def main(args: Args):
         fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
     if args.temperature is not None and policy.kind != "openvla":
         fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
-    if args.temperature is not None and not args.temperature > 0:
-        fail(f"--temperature must be > 0, got {args.temperature}")
     if resume_from is None:
         if args.critic_state:
             with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched

@@ -118,6 +118,10 @@ def _model_defaults(kind: str, size: str) -> dict:
             # prefix: an asymmetric critic for a policy that does not read the state. Not openpi
             # or RLinf (their critic reads what the actor reads); set by Stage II's --critic-state
             value_state_input=False,
+            # the value head also reads the task's shaping potential phi(s) (envs: the normalised
+            # dense reward, privileged sim state that obs["potential"] carries in Stage II's
+            # rollouts): with potential-based shaping the critic fits V - phi. Set by --critic-potential
+            value_potential_input=False,
         )
         if size == "tiny":
             # ~2.2M parameters, 16 image tokens, 2-layer Gemma VLM and expert
@@ -847,24 +851,41 @@ class Pi05Policy(Policy):
 
     def _value_input_width(self):
         m = self.config["model"]
-        return m["vlm_width"] + (self.state_dim if m.get("value_state_input", False) else 0)
+        return (m["vlm_width"] + (self.state_dim if m.get("value_state_input", False) else 0)
+                + (1 if m.get("value_potential_input", False) else 0))
 
-    def use_state_in_value_head(self):
-        """Give the critic the normalised robot state beside the pooled prefix (a new value head,
-        randomly initialised: Stage I never trains it). Saved in the config, so a checkpoint
-        reloads with the same head."""
-        if self.config["model"].get("value_state_input", False):
+    def _rebuild_value_head(self, key):
+        """A new, randomly initialised value head that also reads `key`'s input (Stage I never trains
+        the value head); the key is saved in the config, so a checkpoint reloads with the same head."""
+        if self.config["model"].get(key, False):
             return
-        self.config["model"]["value_state_input"] = True
+        self.config["model"][key] = True
         old = self.value_head[0]
         self.value_head = make_value_head(self._value_input_width(), self.config["model"]["value_hidden"]).to(
             device=old.weight.device, dtype=old.weight.dtype)
 
-    def _value(self, prefix, state):
+    def use_state_in_value_head(self):
+        """Give the critic the normalised robot state beside the pooled prefix."""
+        self._rebuild_value_head("value_state_input")
+
+    def use_potential_in_value_head(self):
+        """Give the critic the shaping potential phi(s) that obs["potential"] [B] carries."""
+        self._rebuild_value_head("value_potential_input")
+
+    def _value(self, prefix, state, obs):
+        """V(s) from the pooled prefix [+ normalised state] [+ phi(s)]. A critic that reads phi(s) is
+        NaN where obs has no "potential" (evaluation: no env pays it there, and nothing reads the value)."""
+        m = self.config["model"]
         mask = prefix["mask"][..., None].float()
         pooled = (prefix["out"].float() * mask).sum(1) / mask.sum(1)
-        if self.config["model"].get("value_state_input", False):
+        if m.get("value_state_input", False):
             pooled = torch.cat([pooled, self.normalize_state(state).float()], dim=-1)
+        if m.get("value_potential_input", False):
+            potential = obs.get("potential")
+            if potential is None:
+                return torch.full((pooled.shape[0],), float("nan"), device=pooled.device)
+            potential = torch.as_tensor(potential, dtype=torch.float32).to(pooled.device).reshape(-1, 1)
+            pooled = torch.cat([pooled, potential], dim=-1)
         return self.value_head(pooled).squeeze(-1).float()
 
     def velocity(self, prefix, x_t, t):
@@ -943,7 +964,7 @@ class Pi05Policy(Policy):
         gen_device = generator.device if generator is not None else self.device
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
-            value = self._value(prefix, state)
+            value = self._value(prefix, state, obs)
             x = x0.to(self.device, torch.float32)
             step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
             chain = [x]
@@ -974,7 +995,7 @@ class Pi05Policy(Policy):
         B, K = chain.shape[0], chain.shape[1] - 1
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
-            value = self._value(prefix, state)
+            value = self._value(prefix, state, obs)
             x0 = chain[:, 0]
             step_logprob = _gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).sum(-1)
             step_entropy = torch.zeros((B, chain.shape[2]), device=self.device)

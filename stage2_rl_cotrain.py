@@ -123,6 +123,8 @@ class Args:
     """openvla: sampling temperature of the action tokens in the rollouts and in PPO's log-probs (default: the checkpoint's, 1.0 as RL4VLA); saved in the checkpoint. Greedy evaluation does not depend on it"""
     critic_state: bool = False
     """pi05: the value head also reads the normalised robot state (a new, untrained head; the actor is unchanged): an asymmetric critic for a policy trained without the state (discrete_state_input false), whose value would otherwise be read from the image alone"""
+    critic_potential: bool = False
+    """pi05, --reward shaped: the value head also reads the shaping potential phi(s) (the task's normalised dense reward: privileged sim state, given to the critic only, as an asymmetric actor-critic does; a new, untrained head). Under shaping the critic must fit V - phi, which the image alone hardly shows"""
     sft_batch_size: Optional[int] = None
     """real samples drawn for every minibatch (default: the minibatch size)"""
     recompute_logprob: Optional[bool] = None
@@ -240,11 +242,14 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
     potential = env.dense_reward() if args.reward == "shaped" else np.zeros(B)  # phi(s_0)
     buf = {"obs": [], "act": [], "step_mask": torch.zeros(T, B, C),
            **{k: torch.zeros(T, B) for k in ("values", "rewards", "dones", "bootstrap", "discounts")}}
+    def critic_obs(o):  # --critic-potential: phi(s) of each env's current state goes to the value head
+        return {**o, "potential": potential.astype(np.float32)} if args.critic_potential else o
+
     first_episode = np.ones(B, bool)  # the episode each env began at the iteration's reset
     ep_return, ep_len, episodes, live_steps = np.zeros(B), np.zeros(B, int), [], 0
     for t in range(T):
-        out = policy.act(obs)
-        buf["obs"].append({k: obs[k] for k in ("image", "state", "instruction")})
+        out = policy.act(critic_obs(obs))
+        buf["obs"].append({k: v for k, v in critic_obs(obs).items() if k in ("image", "state", "instruction", "potential")})
         buf["act"].append({k: v.cpu() for k, v in out.items() if torch.is_tensor(v) and v.shape[:1] == (B,)})
         buf["values"][t] = out["value"].float().cpu()
         chunk = out["actions"].float().cpu().numpy()[:, :H]
@@ -267,7 +272,7 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
             cut = ended & truncated
             if cut.any():  # time limit: bootstrap from V(the observation it was cut at)
                 final_obs = {**obs, "image": obs["image"] if obs["image"] is not None else env.render_frame()}
-                v_cut = policy.act(final_obs, deterministic=True)["value"].float().cpu().numpy()
+                v_cut = policy.act(critic_obs(final_obs), deterministic=True)["value"].float().cpu().numpy()
                 buf["bootstrap"][t] = torch.as_tensor(np.where(cut, v_cut, buf["bootstrap"][t].numpy()))
             buf["dones"][t] += torch.as_tensor(ended, dtype=torch.float32)
             live &= ~ended
@@ -287,7 +292,7 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
             first_episode[ended_rows], ep_return[ended_rows], ep_len[ended_rows] = False, 0.0, 0
         elif obs["image"] is None:
             obs = {**obs, "image": env.render_frame()}
-    buf["last_value"] = policy.act(obs, deterministic=True)["value"].float().cpu()
+    buf["last_value"] = policy.act(critic_obs(obs), deterministic=True)["value"].float().cpu()
     buf["episodes"], buf["live_steps"] = episodes, live_steps
     return buf
 
@@ -349,6 +354,8 @@ def main(args: Args):
         setattr(args, key, value)
     if args.critic_state and policy.kind != "pi05":
         fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
+    if args.critic_potential and policy.kind != "pi05":
+        fail(f"--critic-potential is for pi05 policies; {args.init} holds a {policy.kind} policy")
     if args.temperature is not None and policy.kind != "openvla":
         fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
     if resume_from is None:
@@ -356,14 +363,23 @@ def main(args: Args):
             with torch.random.fork_rng():  # the same new head in every process; the sampling streams untouched
                 torch.manual_seed(args.seed)
                 policy.use_state_in_value_head()  # saved in the config: resume and evaluation rebuild it
+        if args.critic_potential:
+            with torch.random.fork_rng():
+                torch.manual_seed(args.seed + 1)
+                policy.use_potential_in_value_head()
         if args.temperature is not None:
             policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
     else:  # the checkpoint's config holds both: a resume may not ask for something else
         if args.critic_state and not policy.config["model"].get("value_state_input", False):
             fail(f"--critic-state: the run in {run_dir} was started without it; resume it without the option")
+        if args.critic_potential and not policy.config["model"].get("value_potential_input", False):
+            fail(f"--critic-potential: the run in {run_dir} was started without it; resume it without the option")
         if args.temperature is not None and args.temperature != policy.config["model"]["temperature"]:
             fail(f"--temperature {args.temperature:g}: the run in {run_dir} samples at "
                  f"{policy.config['model']['temperature']:g}; resume it with that temperature or without the option")
+    args.critic_potential = bool(policy.config["model"].get("value_potential_input", False))  # rollouts feed phi
+    if args.critic_potential and args.reward != "shaped":
+        fail(f"--critic-potential's critic reads the shaping potential: it needs --reward shaped, got {args.reward}")
     args.exec_horizon = args.exec_horizon or policy.chunk_size
     if not 1 <= args.exec_horizon <= policy.chunk_size:
         fail(f"--exec-horizon must lie in [1, {policy.chunk_size}] (the policy's chunk), got {args.exec_horizon}")
@@ -484,6 +500,8 @@ def main(args: Args):
             b_images = torch.as_tensor(np.stack([o["image"] for o in buf["obs"]])).reshape(-1, image_size, image_size, 3)
             b_states = torch.as_tensor(np.stack([o["state"] for o in buf["obs"]])).reshape(batch_size, -1)
             b_instructions = [s for o in buf["obs"] for s in o["instruction"]]
+            b_potential = (torch.as_tensor(np.stack([o["potential"] for o in buf["obs"]])).reshape(-1)
+                           if args.critic_potential else None)
             b_act = {k: torch.stack([a[k] for a in buf["act"]]).reshape(batch_size, *buf["act"][0][k].shape[1:])
                      for k in buf["act"][0]}
             b_mask = buf["step_mask"].reshape(batch_size, -1)  # 1 where a chunk step was executed
@@ -491,6 +509,8 @@ def main(args: Args):
             def minibatch(idx):
                 obs = {"image": b_images[idx].to(device), "state": b_states[idx].to(device),
                        "instruction": [b_instructions[i] for i in idx.tolist()]}
+                if b_potential is not None:
+                    obs["potential"] = b_potential[idx]
                 return obs, {k: v[idx].to(device) for k, v in b_act.items()}, b_mask[idx].to(device)
 
             # old log-probs of the executed actions only (the unexecuted chunk steps never acted)

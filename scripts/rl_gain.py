@@ -3,8 +3,10 @@ sim-only Stage I run of scripts/learnability.py, one run per Stage II seed, each
 noise-free protocol on the same 50 sim episodes (envs.eval_seeds) as its starting checkpoint.
 Appends a row per task, policy and attempt to results/reproduce_cpu/rl_gain.json: the mean over
 seeds before and after, per-seed values, the rollout success of the first and last quarter of the
-iterations (sampled chain, first episode of every env) and times: the wall time of each run this
-invocation trained (None for a finished run it only read) and, for every run, its training loop's
+iterations (sampled chain, first episode of every env) and times: the wall time of each run, as the
+invocation that trained it measured it (it writes rl_gain_wall_s.json in the run folder, so one seed
+per invocation, then a reading call for all seeds, keeps them; None for a run trained
+elsewhere; a resumed run's is its last invocation's) and, for every run, its training loop's
 time from its own metrics (rollouts + updates, without evaluations or start-up). The study asks for a gain
 of >= 15 points (mean over >= 3 Stage II seeds).
 
@@ -52,6 +54,8 @@ class Args:
     """Stage II's --temperature (openvla): the rollouts' token sampling temperature"""
     critic_state: bool = False
     """Stage II's --critic-state (pi05): the value head also reads the robot state"""
+    critic_potential: bool = False
+    """Stage II's --critic-potential (pi05): the value head also reads the shaping potential phi(s)"""
     episodes: int = 50
     """sim evaluation episodes of the final policy"""
     image_size: int = 64
@@ -98,7 +102,8 @@ def main(args: Args):
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
             final = ROOT / args.runs_dir / name / "checkpoints" / "final"
-            wall = None  # a finished run is only read: its wall time is not this invocation's to report
+            wall_file = final.parents[1] / "rl_gain_wall_s.json"  # the invocation that trained it wrote it
+            wall = None
             if not (final / "config.json").exists():
                 resume = ["--resume"] if (ROOT / args.runs_dir / name / "args.json").exists() else []
                 wall = run([py, "stage2_rl_cotrain.py", "--task", task, "--init", str(init), "--real-data", str(real),
@@ -106,10 +111,14 @@ def main(args: Args):
                             "--num-envs", str(args.num_envs),
                             *(["--learning-rate", f"{args.learning_rate:g}"] if args.learning_rate is not None else []),
                             *(["--critic-state"] if args.critic_state else []),
+                            *(["--critic-potential"] if args.critic_potential else []),
                             *(["--temperature", f"{args.temperature:g}"] if args.temperature is not None else []),
                             "--eval-every", "0", "--eval-episodes", str(args.episodes),
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
                             "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name, *resume])
+                wall_file.write_text(json.dumps({"wall_s": wall}))
+            elif wall_file.exists():  # a finished run is only read: its wall time as its own invocation measured it
+                wall = json.loads(wall_file.read_text())["wall_s"]
             after.append(100.0 * json.loads((final / "config.json").read_text())["extra"]["eval/success_sim"])
             metrics = [json.loads(line) for line in (final.parents[1] / "metrics.jsonl").read_text().splitlines()
                        if line.strip()]
@@ -122,7 +131,7 @@ def main(args: Args):
                "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
                "gain_points": mean_after - before, "episodes": args.episodes, "beta": args.beta,
                "num_envs": args.num_envs, "learning_rate": args.learning_rate,
-               "critic_state": args.critic_state, "temperature": args.temperature, "attempt": args.attempt,
+               "critic_state": args.critic_state, "critic_potential": args.critic_potential, "temperature": args.temperature, "attempt": args.attempt,
                "init": f"{init_run.relative_to(ROOT) if init_run.is_relative_to(ROOT) else init_run} "
                        "(sim-only Stage I, alpha 1)",
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],

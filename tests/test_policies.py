@@ -294,6 +294,36 @@ def test_pi05_critic_state_reads_the_state_in_the_value_only_and_survives_save_a
     torch.testing.assert_close(f["value"], d["value"])
 
 
+def test_pi05_critic_potential_reads_phi_in_the_value_only_and_survives_save_and_load(tmp_path):
+    # Stage II's --critic-potential: the value head also reads obs["potential"], the shaping potential
+    policy = new_policy("pi05").eval()
+    obs = make_obs(2)
+    with torch.no_grad():
+        plain = policy.act(obs, deterministic=True, x0_seeds=[1, 2])
+    width = policy.value_head[0].in_features
+    policy.use_potential_in_value_head()
+    assert policy.value_head[0].in_features == width + 1
+    low, high = {**obs, "potential": np.array([0.1, 0.2], np.float32)}, {**obs, "potential": np.array([0.8, 0.9], np.float32)}
+    with torch.no_grad():
+        a = policy.act(low, deterministic=True, x0_seeds=[1, 2])
+        b = policy.act(high, deterministic=True, x0_seeds=[1, 2])
+        missing = policy.act(obs, deterministic=True, x0_seeds=[1, 2])
+    assert torch.equal(a["actions"], plain["actions"]) and torch.equal(b["actions"], plain["actions"])  # actor unchanged
+    assert (a["value"] - b["value"]).abs().min() > 1e-5
+    assert torch.isnan(missing["value"]).all() and torch.equal(missing["actions"], plain["actions"])  # evaluation
+    with torch.no_grad():  # the value by hand: the head on [pooled prefix, phi]
+        image, state, instructions = policy._obs(high)
+        prefix = policy._prefix(image, state, instructions)
+        mask = prefix["mask"][..., None].float()
+        pooled = (prefix["out"] * mask).sum(1) / mask.sum(1)
+        by_hand = policy.value_head(torch.cat([pooled, torch.tensor([[0.8], [0.9]])], -1)).squeeze(-1)
+    torch.testing.assert_close(b["value"], by_hand)
+    policy.save(tmp_path / "ckpt", extra={"stage": "stage2"})
+    loaded = policies.load_policy(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.act(high, deterministic=True, x0_seeds=[1, 2])["value"], b["value"])
+
+
 def test_pi05_state_input_dims_keeps_only_the_chosen_state_dimensions():
     # (3, ..., 7): the tcp orientation and the gripper reach the prompt, the tcp position does not
     policy = new_policy("pi05", state_input_dims=(3, 4, 5, 6, 7)).eval()

@@ -11,6 +11,7 @@ Run as a script (python tests/test_stage2.py ARGS), this file trains stage2_rl_c
 bandit: that is how the torchrun test starts its two processes.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -549,6 +550,60 @@ def test_rollout_by_hand_envs_end_at_different_inner_steps(files):
     first = [(e["success"], e["length"]) for e in buf["episodes"] if e["first"]]
     assert sorted(first) == [(False, 5), (True, 2), (True, 7)]
     assert [(e["success"], e["length"]) for e in buf["episodes"] if not e["first"]] == [(True, 2)]
+
+
+def test_critic_potential_feeds_each_decisions_phi_to_the_value_in_rollout_and_update(files, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    policy = policies.load_policy(files["pi05"]).eval()
+    policy.use_potential_in_value_head()
+    args = stage2.Args(reward="shaped", gamma=0.9, success_reward=1.0, critic_potential=True)
+    buf = stage2.rollout(policy, ScriptedEnv(3), num_steps=2, exec_horizon=4, args=args, first_seed=0)
+    # phi = 0.1 per elapsed step: every env starts at 0; at decision 1 env 0 has just been reset,
+    # envs 1 and 2 have run 4 steps
+    np.testing.assert_allclose(np.stack([o["potential"] for o in buf["obs"]]), [[0, 0, 0], [0, 0.4, 0.4]], atol=1e-6)
+    def value(elapsed, row, phi):
+        obs = {"image": np.full((1, IMAGE, IMAGE, 3), 100, np.uint8), "instruction": [INSTRUCTION],
+               "state": np.array([[elapsed, row, 0, 0, 0, 0, 0, 0]], np.float32), "potential": np.array([phi])}
+        return policy.act(obs, deterministic=True)["value"].item()
+    assert buf["values"][1, 2].item() == pytest.approx(value(4, 2, 0.4), abs=1e-5)
+    assert value(4, 2, 0.4) != pytest.approx(value(4, 2, 0.0), abs=1e-4)  # the head reads phi
+    # env 1's time-limit cut bootstraps from V(s, phi(s)) of the state it was cut at (5 steps)
+    assert buf["bootstrap"][1, 1].item() == pytest.approx(value(5, 1, 0.5), abs=1e-5)
+    assert buf["last_value"][1].item() == pytest.approx(value(0, 1, 0.0), abs=1e-5)
+
+    # in a run, the update's value reads the stored phi: its weight gets a gradient (phi is 0.1-0.9
+    # there), and nothing becomes NaN as it would without phi
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ScriptedEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: BanditEnv(args.eval_num_envs, size))
+    run = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=3, num_steps=2, reward="shaped",
+                      critic_potential=True, critic_warmup_iters=1, eval_episodes=0)
+    run.total_env_steps = 16
+    stage2.main(run)
+    final = Path(run.runs_dir) / "run/checkpoints/final"
+    trained = policies.load_policy(final)
+    assert trained.config["model"]["value_potential_input"] is True
+    start = policies.load_policy(files["pi05"])
+    with torch.random.fork_rng():  # the head the run started from
+        torch.manual_seed(run.seed + 1)
+        start.use_potential_in_value_head()
+    w0, w1 = start.value_head[0].weight, trained.value_head[0].weight
+    assert torch.isfinite(w1).all()
+    assert (w1[:, -1] - w0[:, -1]).abs().max() > 1e-6  # phi's column learnt
+    before, after = load_file(files["pi05"] / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(before[n], after[n]) for n in before if not n.startswith("value_head."))  # warm-up
+    # a resume without the option still feeds phi to the run's critic (the checkpoint's config holds it)
+    resumed = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=3, num_steps=2, reward="shaped",
+                          critic_warmup_iters=1, eval_episodes=0, resume=True)
+    resumed.total_env_steps = 32
+    stage2.main(resumed)
+    rows = train_rows(read_metrics(resumed))
+    assert len(rows) == 2 and all(math.isfinite(r["losses/v_loss"]) for r in rows), rows
+    assert torch.isfinite(policies.load_policy(final).value_head[0].weight).all()
+    # the options' checks give clear errors
+    err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, critic_potential=True, run_name="ov"), capsys)
+    assert "--critic-potential is for pi05 policies" in err
+    err = run_expecting_error(bandit_args(files, tmp_path, "pi05", 1, critic_potential=True, run_name="d"), capsys)
+    assert "needs --reward shaped" in err
 
 
 def test_truncation_bootstrap_reaches_the_advantages_in_a_run(files, tmp_path, monkeypatch):

@@ -121,6 +121,8 @@ class Args:
     """first iterations in which only the value head learns [preset]"""
     temperature: Optional[float] = None
     """openvla: sampling temperature of the action tokens in the rollouts and in PPO's log-probs (default: the checkpoint's, 1.0 as RL4VLA); saved in the checkpoint. Greedy evaluation does not depend on it"""
+    sigma_range: Optional[tuple[float, float]] = None
+    """pi05: the bounds [sigma_min, sigma_max] of ReinFlow's step noise (default: the checkpoint's, RLinf's 0.08 0.16); saved in the checkpoint. The noisy chain is what Stage II trains, the noise-free one what the protocol scores: a narrower range keeps the two closer"""
     critic_state: bool = False
     """pi05: the value head also reads the normalised robot state (a new, untrained head; the actor is unchanged): an asymmetric critic for a policy trained without the state (discrete_state_input false), whose value would otherwise be read from the image alone"""
     critic_potential: bool = False
@@ -308,6 +310,8 @@ def main(args: Args):
         fail(f"--beta must be >= 0 (the weight of the real SFT loss in Eq. 5), got {args.beta}")
     if args.temperature is not None and not args.temperature > 0:
         fail(f"--temperature must be > 0, got {args.temperature}")
+    if args.sigma_range is not None and not 0 < args.sigma_range[0] <= args.sigma_range[1]:
+        fail(f"--sigma-range must be two numbers 0 < min <= max, got {args.sigma_range}")
     args.real_data = args.real_data or f"data/{args.task}/proxy_real"
     args.run_name = args.run_name or f"stage2_{args.task}_beta{args.beta:g}_s{args.seed}"
     run_dir, resume_from = plumbing.open_run(args.runs_dir, args.run_name, args.resume)
@@ -356,6 +360,8 @@ def main(args: Args):
         fail(f"--critic-state is for pi05 policies; {args.init} holds a {policy.kind} policy")
     if args.critic_potential and policy.kind != "pi05":
         fail(f"--critic-potential is for pi05 policies; {args.init} holds a {policy.kind} policy")
+    if args.sigma_range is not None and policy.kind != "pi05":
+        fail(f"--sigma-range is for pi05 policies (ReinFlow's step noise); {args.init} holds a {policy.kind} policy")
     if args.temperature is not None and policy.kind != "openvla":
         fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
     if resume_from is None:
@@ -369,6 +375,8 @@ def main(args: Args):
                 policy.use_potential_in_value_head()
         if args.temperature is not None:
             policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
+        if args.sigma_range is not None:  # noise_std reads them in act and evaluate alike
+            policy.config["model"]["sigma_min"], policy.config["model"]["sigma_max"] = map(float, args.sigma_range)
     else:  # the checkpoint's config holds both: a resume may not ask for something else
         if args.critic_state and not policy.config["model"].get("value_state_input", False):
             fail(f"--critic-state: the run in {run_dir} was started without it; resume it without the option")
@@ -377,6 +385,10 @@ def main(args: Args):
         if args.temperature is not None and args.temperature != policy.config["model"]["temperature"]:
             fail(f"--temperature {args.temperature:g}: the run in {run_dir} samples at "
                  f"{policy.config['model']['temperature']:g}; resume it with that temperature or without the option")
+        m = policy.config["model"]
+        if args.sigma_range is not None and tuple(map(float, args.sigma_range)) != (m["sigma_min"], m["sigma_max"]):
+            fail(f"--sigma-range {args.sigma_range[0]:g} {args.sigma_range[1]:g}: the run in {run_dir} uses "
+                 f"{m['sigma_min']:g} {m['sigma_max']:g}; resume it with that range or without the option")
     args.critic_potential = bool(policy.config["model"].get("value_potential_input", False))  # rollouts feed phi
     if args.critic_potential and args.reward != "shaped":
         fail(f"--critic-potential's critic reads the shaping potential: it needs --reward shaped, got {args.reward}")

@@ -382,6 +382,26 @@ def test_temperature_sets_the_sampling_of_rollouts_and_log_probs_and_is_saved(fi
     assert "samples at 0.25" in err
 
 
+def test_sigma_range_bounds_the_step_noise_of_rollouts_and_log_probs_and_is_saved(files, tmp_path, monkeypatch, capsys):
+    use_bandit(monkeypatch)
+    sigma = {}
+    for bounds in ((0.08, 0.16), (0.02, 0.04)):
+        args = bandit_args(files, tmp_path, "pi05", iterations=1, sigma_range=bounds, run_name=f"s{bounds[1]}")
+        stage2.main(args)
+        row = train_rows(read_metrics(args))[0]
+        assert row["losses/first_minibatch_ratio_dev"] < 1e-5  # rollout and update draw from the same noise
+        sigma[bounds] = row["charts/noise_sigma"]  # exp of the mean log-std: inside the bounds
+        assert bounds[0] <= sigma[bounds] <= bounds[1], (bounds, sigma[bounds])
+        config = policies.load_policy(Path(args.runs_dir) / args.run_name / "checkpoints/final").config["model"]
+        assert (config["sigma_min"], config["sigma_max"]) == bounds
+    err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, sigma_range=(0.02, 0.04), run_name="o"), capsys)
+    assert "--sigma-range is for pi05 policies" in err
+    err = run_expecting_error(bandit_args(files, tmp_path, "pi05", 1, sigma_range=(0.04, 0.02), run_name="b"), capsys)
+    assert "--sigma-range must be two numbers 0 < min <= max" in err
+    resumed = bandit_args(files, tmp_path, "pi05", iterations=2, sigma_range=(0.08, 0.16), run_name="s0.04", resume=True)
+    assert "uses 0.02 0.04" in run_expecting_error(resumed, capsys)
+
+
 @pytest.mark.parametrize("kind", ["pi05"])
 def test_resume_continues_exactly(files, tmp_path, monkeypatch, kind):
     from safetensors.torch import load_file

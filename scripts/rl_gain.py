@@ -2,7 +2,7 @@
 sim-only Stage I run of scripts/learnability.py, one run per Stage II seed, each evaluated with the
 noise-free protocol on the same 50 sim episodes (envs.eval_seeds) as its starting checkpoint.
 Appends a row per task, policy and attempt to results/reproduce_cpu/rl_gain.json: the mean over
-seeds before and after, per-seed values, the rollout success of the first and last quarter of the
+seeds before and after, per-seed values, the evaluation protocol (from the final checkpoints), the rollout success of the first and last quarter of the
 iterations (sampled chain, first episode of every env) and times: the wall time of each run, as the
 invocation that trained it measured it (it writes rl_gain_wall_s.json in the run folder, so one seed
 per invocation, then a reading call for all seeds, keeps them; None for a run trained
@@ -100,7 +100,7 @@ def main(args: Args):
         real = dataset_dir(args.data_dir, task, "proxy_real", args.real_episodes, args.image_size)
         if not (real / "meta" / "info.json").exists():
             sys.exit(f"no dataset at {real}: scripts/learnability.py --tasks {task} makes it")
-        after, walls, loops, quarters, env_steps = [], [], [], [], []
+        after, walls, loops, quarters, env_steps, protocols = [], [], [], [], [], set()
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
             final = ROOT / args.runs_dir / name / "checkpoints" / "final"
@@ -122,7 +122,9 @@ def main(args: Args):
                 wall_file.write_text(json.dumps({"wall_s": wall}))
             elif wall_file.exists():  # a finished run is only read: its wall time as its own invocation measured it
                 wall = json.loads(wall_file.read_text())["wall_s"]
-            after.append(100.0 * json.loads((final / "config.json").read_text())["extra"]["eval/success_sim"])
+            extra = json.loads((final / "config.json").read_text())["extra"]
+            after.append(100.0 * extra["eval/success_sim"])
+            protocols.add(extra.get("protocol"))
             metrics = [json.loads(line) for line in (final.parents[1] / "metrics.jsonl").read_text().splitlines()
                        if line.strip()]
             quarters.append(quarter_success(metrics))
@@ -132,7 +134,8 @@ def main(args: Args):
         mean_after = sum(after) / len(after)
         row = {"task": task, "policy": args.policy, "seeds": list(args.seeds), "env_steps": max(env_steps),
                "sim_before_pct": before, "sim_after_pct": mean_after, "per_seed_after_pct": after,
-               "gain_points": mean_after - before, "episodes": args.episodes, "beta": args.beta,
+               "gain_points": mean_after - before, "episodes": args.episodes,
+               "protocol": " | ".join(sorted(str(p) for p in protocols)), "beta": args.beta,
                "num_envs": args.num_envs, "learning_rate": args.learning_rate,
                "critic_state": args.critic_state, "critic_potential": args.critic_potential,
                "sigma_range": list(args.sigma_range) if args.sigma_range else None, "temperature": args.temperature, "attempt": args.attempt,

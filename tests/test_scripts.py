@@ -64,7 +64,8 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
         commands.append(cmd)
         run_dir = Path(cmd[cmd.index("--runs-dir") + 1]) / cmd[cmd.index("--run-name") + 1]
         (run_dir / "checkpoints" / "final").mkdir(parents=True)
-        (run_dir / "checkpoints" / "final" / "config.json").write_text(json.dumps({"extra": {"eval/success_sim": 0.7}}))
+        extra = {"eval/success_sim": 0.7, "protocol": "greedy"}
+        (run_dir / "checkpoints" / "final" / "config.json").write_text(json.dumps({"extra": extra}))
         (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "global_step": 200, "charts/episode_success": 0.5,
                                                            "perf/rollout_time": 3.0, "perf/update_time": 1.5}) + "\n")
         return 1.0
@@ -92,6 +93,7 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
     assert (rows["beta0"]["critic_potential"], rows["preset"]["critic_potential"]) == (False, True)
     assert (rows["beta0"]["sigma_range"], rows["preset"]["sigma_range"]) == (None, [0.04, 0.08])
     assert (rows["beta0"]["temperature"], rows["preset"]["temperature"]) == (None, 0.5)
+    assert rows["beta0"]["protocol"] == "greedy"
     assert rows["beta0"]["sim_before_pct"] == 50.0 and rows["beta0"]["gain_points"] == pytest.approx(20.0)
     assert rows["beta0"]["stage2_wall_s"] == [1.0] and rows["beta0"]["stage2_loop_s"] == [4.5]
     # a second invocation only reads the finished run: the wall time its training invocation wrote

@@ -2,8 +2,9 @@
 sim-only Stage I run of scripts/learnability.py, one run per Stage II seed, each evaluated with the
 noise-free protocol on the same 50 sim episodes (envs.eval_seeds) as its starting checkpoint.
 Appends a row per task, policy and attempt to results/reproduce_cpu/rl_gain.json: the mean over
-seeds before and after, per-seed values, the evaluation protocol (from the final checkpoints), the rollout success of the first and last quarter of the
-iterations (sampled chain, first episode of every env) and times: the wall time of each run, as the
+seeds before and after, per-seed values, the evaluation protocol (from the final checkpoints),
+the rollout success of the first and last quarter of the iterations (sampled chain, first episode
+of every env) and times: the wall time of each run, as the
 invocation that trained it measured it (it writes rl_gain_wall_s.json in the run folder, so one seed
 per invocation, then a reading call for all seeds, keeps them; None for a run trained
 elsewhere; a resumed run's is its last invocation's) and, for every run, its training loop's

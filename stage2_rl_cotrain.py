@@ -250,8 +250,9 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
     first_episode = np.ones(B, bool)  # the episode each env began at the iteration's reset
     ep_return, ep_len, episodes, live_steps = np.zeros(B), np.zeros(B, int), [], 0
     for t in range(T):
-        out = policy.act(critic_obs(obs))
-        buf["obs"].append({k: v for k, v in critic_obs(obs).items() if k in ("image", "state", "instruction", "potential")})
+        decision_obs = critic_obs(obs)
+        out = policy.act(decision_obs)
+        buf["obs"].append({k: v for k, v in decision_obs.items() if k in ("image", "state", "instruction", "potential")})
         buf["act"].append({k: v.cpu() for k, v in out.items() if torch.is_tensor(v) and v.shape[:1] == (B,)})
         buf["values"][t] = out["value"].float().cpu()
         chunk = out["actions"].float().cpu().numpy()[:, :H]

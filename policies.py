@@ -300,8 +300,9 @@ class Policy(nn.Module):
         else:
             K = self.config["model"]["num_steps"]
             how = (f"noise-free flow ODE, K={K} Euler steps, fresh x0 per decision" if deterministic
-                   else f"ReinFlow noisy chain, K={K}, sigma in [{self.config['model']['sigma_min']:g}, "
-                        f"{self.config['model']['sigma_max']:g}]")
+                   else f"ReinFlow noisy chain, K={K}, "
+                        + (f"noise at steps {self.noisy_steps(K)}, " if self.config["model"].get("noise_steps") else "")
+                        + f"sigma in [{self.config['model']['sigma_min']:g}, {self.config['model']['sigma_max']:g}]")
         return f"{how}; chunk {H}, {n} executed"
 
     # ---- helpers ----
@@ -763,6 +764,13 @@ class Pi05Policy(Policy):
     dims (RLinf's "averaged over steps, summed over actions"). mu_k = x_k - v(x_k, t_k) / K (an
     Euler step towards t = 0), sigma_k from the noise head. Exact: every transition is Gaussian.
     entropy = mean over the K transitions, H steps and A dims of 0.5 log(2 pi e sigma^2).
+
+    config["model"]["noise_steps"] (None: all K) injects the noise at the listed steps only; the
+    other steps are the noise-free x_{k+1} = mu_k. The sums above then run over the noisy steps
+    (K + 1 becomes their number + 1), and evaluate recomputes each noise-free step from the current
+    weights, so mu_k of a noisy step stays a function of x0 and the earlier noisy draws and the
+    log-probability stays exact. With noise_steps = [K - 1] the policy is the noise-free chain (the
+    one the protocol scores) plus Gaussian noise on its output.
     Padded action dims (full size: actions padded to 32) are held at zero throughout.
     """
 
@@ -909,6 +917,15 @@ class Pi05Policy(Policy):
         v = self.action_out_proj(h)[..., : self.action_dim]
         return v.float(), h
 
+    def noisy_steps(self, K: int) -> list[int]:
+        """The denoising steps k < K that draw x_{k+1} ~ N(mu_k, sigma_k^2) (the rest are noise-free)."""
+        steps = self.config["model"].get("noise_steps")
+        if steps is None:
+            return list(range(K))
+        if not steps or any(not 0 <= int(k) < K for k in steps):
+            raise ValueError(f"noise_steps {steps!r}: expected denoising step indices in [0, {K})")
+        return sorted({int(k) for k in steps})
+
     def noise_std(self, expert_out):
         """sigma in [sigma_min, sigma_max] via a tanh-mapped log-std (RLinf flow_noise)."""
         m = self.config["model"]
@@ -939,8 +956,8 @@ class Pi05Policy(Policy):
     @torch.no_grad()
     def act(self, obs, deterministic=False, generator: torch.Generator | None = None, x0_seeds=None):
         """The chain of K = num_steps Euler steps from x0 ~ N(0, I) at t = 1 to the actions at t = 0.
-        deterministic=False: ReinFlow's noisy chain, x_{k+1} ~ N(mu_k, sigma_k^2) (what Stage II
-        trains); deterministic=True: the noise-free chain x_{k+1} = mu_k on the same K-step grid
+        deterministic=False: ReinFlow's noisy chain, x_{k+1} ~ N(mu_k, sigma_k^2) at the noisy steps
+        (noisy_steps; what Stage II trains); deterministic=True: the noise-free chain x_{k+1} = mu_k on the same K-step grid
         (the evaluation protocol: RLinf and ReinFlow evaluate at the fine-tuning K, noise off).
         x0 is fresh at every call, as openpi infers: sample i's x0 from a generator seeded with
         x0_seeds[i] when given (envs.decision_key: reproducible, independent of the batch), else
@@ -968,10 +985,11 @@ class Pi05Policy(Policy):
             x = x0.to(self.device, torch.float32)
             step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
             chain = [x]
-            for t in reinflow_time_grid(K):
+            noisy = self.noisy_steps(K)
+            for k, t in enumerate(reinflow_time_grid(K)):
                 v, expert_out = self.velocity(prefix, x, torch.full((B,), t, device=self.device))
                 mean = x - v / K
-                if deterministic:
+                if deterministic or k not in noisy:
                     x = mean
                 else:
                     std = self.noise_std(expert_out)
@@ -980,31 +998,37 @@ class Pi05Policy(Policy):
                     step_logprob += _gaussian_log_prob(x, mean, std).sum(-1)
                 chain.append(x)
         actions = self.denormalize_actions(x.clamp(-1, 1))
-        step_logprob = step_logprob / (K + 1)
+        step_logprob = step_logprob / (len(noisy) + 1)
         return {"actions": actions.float(), "logprob": step_logprob.sum(-1), "step_logprob": step_logprob,
                 "value": value, "chain": torch.stack(chain, dim=1)}
 
     def evaluate(self, obs, act_out):
         """Log-prob of the stored chain under the current weights (K from the chain's length, the
         same time grid and normalisation as act), mean Gaussian entropy of the step noise, value.
-        step_logprob / step_entropy [B, H]: each chunk step's share (the sum over its A dims of
-        its K + 1 terms, / (K + 1)) / its mean entropy: given x_k, the K transitions factorise over
-        the chunk steps, so Stage II can mask the steps that were never executed."""
+        step_logprob / step_entropy [B, H]: each chunk step's share (the sum over its A dims of its
+        terms, / their number) / its mean entropy over the noisy steps: given x_k, the transitions
+        factorise over the chunk steps, so Stage II can mask the steps that were never executed."""
         image, state, instructions = self._obs(obs)
         chain = torch.as_tensor(act_out["chain"]).to(self.device, torch.float32)
         B, K = chain.shape[0], chain.shape[1] - 1
         with self._autocast():
             prefix = self._prefix(image, state, instructions)
             value = self._value(prefix, state, obs)
-            x0 = chain[:, 0]
-            step_logprob = _gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).sum(-1)
+            x = chain[:, 0]
+            step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
             step_entropy = torch.zeros((B, chain.shape[2]), device=self.device)
+            noisy = self.noisy_steps(K)
             for k, t in enumerate(reinflow_time_grid(K)):
-                v, expert_out = self.velocity(prefix, chain[:, k], torch.full((B,), t, device=self.device))
+                v, expert_out = self.velocity(prefix, x, torch.full((B,), t, device=self.device))
+                mean = x - v / K
+                if k not in noisy:  # noise-free: recomputed from the current weights, gradient through it
+                    x = mean
+                    continue
                 std = self.noise_std(expert_out)
-                step_logprob = step_logprob + _gaussian_log_prob(chain[:, k + 1], chain[:, k] - v / K, std).sum(-1)
+                step_logprob = step_logprob + _gaussian_log_prob(chain[:, k + 1], mean, std).sum(-1)
                 step_entropy = step_entropy + (0.5 * math.log(2 * math.pi * math.e) + torch.log(std)).mean(-1)
-        step_logprob, step_entropy = step_logprob / (K + 1), step_entropy / K
+                x = chain[:, k + 1]
+        step_logprob, step_entropy = step_logprob / (len(noisy) + 1), step_entropy / len(noisy)
         return {"logprob": step_logprob.sum(-1), "entropy": step_entropy.mean(-1), "value": value,
                 "step_logprob": step_logprob, "step_entropy": step_entropy}
 

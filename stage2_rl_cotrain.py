@@ -123,6 +123,8 @@ class Args:
     """openvla: sampling temperature of the action tokens in the rollouts and in PPO's log-probs (default: the checkpoint's, 1.0 as RL4VLA); saved in the checkpoint. Greedy evaluation does not depend on it"""
     sigma_range: Optional[tuple[float, float]] = None
     """pi05: the bounds [sigma_min, sigma_max] of ReinFlow's step noise (default: the checkpoint's, RLinf's 0.08 0.16); saved in the checkpoint. The noisy chain is what Stage II trains, the noise-free one what the protocol scores: a narrower range keeps the two closer"""
+    noise_steps: Optional[list[int]] = None
+    """pi05: the denoising steps (0..K-1) that draw ReinFlow's noise; the others run noise-free and are recomputed from the current weights in the update, so the log-probability stays exact (default: the checkpoint's, all K). `--noise-steps 3` with K = 4 trains the noise-free chain the protocol scores, with Gaussian noise on its output only; saved in the checkpoint"""
     critic_state: bool = False
     """pi05: the value head also reads the normalised robot state (a new, untrained head; the actor is unchanged): an asymmetric critic for a policy trained without the state (discrete_state_input false), whose value would otherwise be read from the image alone"""
     critic_potential: bool = False
@@ -363,6 +365,13 @@ def main(args: Args):
         fail(f"--critic-potential is for pi05 policies; {args.init} holds a {policy.kind} policy")
     if args.sigma_range is not None and policy.kind != "pi05":
         fail(f"--sigma-range is for pi05 policies (ReinFlow's step noise); {args.init} holds a {policy.kind} policy")
+    if args.noise_steps is not None and policy.kind != "pi05":
+        fail(f"--noise-steps is for pi05 policies (ReinFlow's step noise); {args.init} holds a {policy.kind} policy")
+    if args.noise_steps is not None:
+        K = policy.config["model"]["num_steps"]
+        if not args.noise_steps or any(not 0 <= k < K for k in args.noise_steps):
+            fail(f"--noise-steps must list denoising steps in 0..{K - 1} (the policy's K = {K}), got {args.noise_steps}")
+        args.noise_steps = sorted(set(args.noise_steps))
     if args.temperature is not None and policy.kind != "openvla":
         fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
     if resume_from is None:
@@ -378,6 +387,8 @@ def main(args: Args):
             policy.config["model"]["temperature"] = args.temperature  # act and evaluate both read it
         if args.sigma_range is not None:  # noise_std reads them in act and evaluate alike
             policy.config["model"]["sigma_min"], policy.config["model"]["sigma_max"] = map(float, args.sigma_range)
+        if args.noise_steps is not None:  # act and evaluate both read it
+            policy.config["model"]["noise_steps"] = args.noise_steps
     else:  # the checkpoint's config holds both: a resume may not ask for something else
         if args.critic_state and not policy.config["model"].get("value_state_input", False):
             fail(f"--critic-state: the run in {run_dir} was started without it; resume it without the option")
@@ -390,6 +401,9 @@ def main(args: Args):
         if args.sigma_range is not None and tuple(map(float, args.sigma_range)) != (m["sigma_min"], m["sigma_max"]):
             fail(f"--sigma-range {args.sigma_range[0]:g} {args.sigma_range[1]:g}: the run in {run_dir} uses "
                  f"{m['sigma_min']:g} {m['sigma_max']:g}; resume it with that range or without the option")
+        if args.noise_steps is not None and args.noise_steps != policy.noisy_steps(m["num_steps"]):
+            fail(f"--noise-steps {' '.join(map(str, args.noise_steps))}: the run in {run_dir} draws noise at steps "
+                 f"{policy.noisy_steps(m['num_steps'])}; resume it with those or without the option")
     args.critic_potential = bool(policy.config["model"].get("value_potential_input", False))  # rollouts feed phi
     if args.critic_potential and args.reward != "shaped":
         fail(f"--critic-potential's critic reads the shaping potential: it needs --reward shaped, got {args.reward}")
@@ -448,7 +462,8 @@ def main(args: Args):
         print(f"Stage II presets for {policy.kind}/{size}: " + ", ".join(f"{k}={v}" for k, v in from_preset.items()))
         print(f"Stage II: {policy.kind}/{size} from {args.init}, task {args.task}, beta {args.beta} | "
               f"{world_size} process(es) x {B} sim envs on {device}, chunk {policy.chunk_size} executing {H}, "
-              f"{T} decisions per rollout | evaluation: {protocol}"
+              f"{T} decisions per rollout | rollouts: {policy.protocol(deterministic=False).split(';')[0]}"
+              f" | evaluation: {protocol}"
               + (f" | resuming from iteration {start_iter}" if resume_from else ""))
     metrics = plumbing.MetricsLog(run_dir, resume_at=("iteration", start_iter) if resume_from else None,
                                  enabled=is_main)

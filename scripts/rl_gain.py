@@ -59,6 +59,8 @@ class Args:
     """Stage II's --critic-potential (pi05): the value head also reads the shaping potential phi(s)"""
     sigma_range: Optional[tuple[float, float]] = None
     """Stage II's --sigma-range (pi05): the bounds of ReinFlow's step noise (default: the checkpoint's)"""
+    noise_steps: Optional[list[int]] = None
+    """Stage II's --noise-steps (pi05): the denoising steps that draw ReinFlow's noise (default: the checkpoint's, all)"""
     episodes: int = 50
     """sim evaluation episodes of the final policy"""
     image_size: int = 64
@@ -116,6 +118,7 @@ def main(args: Args):
                             *(["--critic-state"] if args.critic_state else []),
                             *(["--critic-potential"] if args.critic_potential else []),
                             *(["--sigma-range", *(f"{x:g}" for x in args.sigma_range)] if args.sigma_range else []),
+                            *(["--noise-steps", *map(str, args.noise_steps)] if args.noise_steps else []),
                             *(["--temperature", f"{args.temperature:g}"] if args.temperature is not None else []),
                             "--eval-every", "0", "--eval-episodes", str(args.episodes),
                             "--eval-num-envs", "2", "--eval-domains", "sim", "--no-save-video", "--seed", str(seed),
@@ -139,7 +142,8 @@ def main(args: Args):
                "protocol": " | ".join(sorted(str(p) for p in protocols)), "beta": args.beta,
                "num_envs": args.num_envs, "learning_rate": args.learning_rate,
                "critic_state": args.critic_state, "critic_potential": args.critic_potential,
-               "sigma_range": list(args.sigma_range) if args.sigma_range else None, "temperature": args.temperature, "attempt": args.attempt,
+               "sigma_range": list(args.sigma_range) if args.sigma_range else None, "noise_steps": args.noise_steps,
+               "temperature": args.temperature, "attempt": args.attempt,
                "init": f"{init_run.relative_to(ROOT) if init_run.is_relative_to(ROOT) else init_run} "
                        "(sim-only Stage I, alpha 1)",
                "rollout_success_first_quarter": [round(a, 3) for a, _ in quarters],

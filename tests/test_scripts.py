@@ -78,13 +78,14 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
                                                       "--learning-rate", "1e-4", "--num-envs", "16"]))
     rl_gain.main(rl_gain.tyro.cli(rl_gain.Args, args=[*common, "--runs-dir", str(tmp_path / "b"), "--attempt", "preset",
                                                       "--critic-state", "--critic-potential", "--temperature", "0.5",
-                                                      "--sigma-range", "0.04", "0.08"]))
+                                                      "--sigma-range", "0.04", "0.08", "--noise-steps", "3"]))
     with_lr, preset = commands
     assert with_lr[with_lr.index("--learning-rate") + 1] == "0.0001" and "--learning-rate" not in preset
     assert "--critic-state" in preset and "--critic-state" not in with_lr
     assert "--critic-potential" in preset and "--critic-potential" not in with_lr
     i = preset.index("--sigma-range")
     assert preset[i + 1:i + 3] == ["0.04", "0.08"] and "--sigma-range" not in with_lr
+    assert preset[preset.index("--noise-steps") + 1] == "3" and "--noise-steps" not in with_lr
     assert preset[preset.index("--temperature") + 1] == "0.5" and "--temperature" not in with_lr
     assert with_lr[with_lr.index("--num-envs") + 1] == "16"
     rows = {r["attempt"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
@@ -92,6 +93,7 @@ def test_rl_gain_passes_its_stage2_options_and_writes_the_row(tmp_path, monkeypa
     assert (rows["beta0"]["critic_state"], rows["preset"]["critic_state"]) == (False, True)
     assert (rows["beta0"]["critic_potential"], rows["preset"]["critic_potential"]) == (False, True)
     assert (rows["beta0"]["sigma_range"], rows["preset"]["sigma_range"]) == (None, [0.04, 0.08])
+    assert (rows["beta0"]["noise_steps"], rows["preset"]["noise_steps"]) == (None, [3])
     assert (rows["beta0"]["temperature"], rows["preset"]["temperature"]) == (None, 0.5)
     assert rows["beta0"]["protocol"] == "greedy"
     assert rows["beta0"]["sim_before_pct"] == 50.0 and rows["beta0"]["gain_points"] == pytest.approx(20.0)

@@ -402,6 +402,31 @@ def test_sigma_range_bounds_the_step_noise_of_rollouts_and_log_probs_and_is_save
     assert "uses 0.02 0.04" in run_expecting_error(resumed, capsys)
 
 
+def test_noise_steps_draws_the_noise_at_the_listed_steps_only_and_is_saved(files, tmp_path, monkeypatch, capsys):
+    use_bandit(monkeypatch)
+    K = policies.load_policy(files["pi05"]).config["model"]["num_steps"]
+    args = bandit_args(files, tmp_path, "pi05", iterations=2, noise_steps=[K - 1, K - 1], run_name="last")
+    stage2.main(args)
+    rows = train_rows(read_metrics(args))
+    # the update recomputes the noise-free steps from the rollout's weights: the same log-probs
+    assert rows[0]["losses/first_minibatch_ratio_dev"] < 1e-5
+    assert rows[-1]["losses/approx_kl"] > 0  # and the second iteration's policy has moved
+    policy = policies.load_policy(Path(args.runs_dir) / "last/checkpoints/final")
+    assert policy.config["model"]["noise_steps"] == [K - 1]  # saved, duplicates dropped
+    # the checkpoint's rollouts: the noise-free chain up to x_{K-1}, then the noise
+    obs = {"image": np.zeros((2, 64, 64, 3), np.uint8), "state": np.zeros((2, policy.state_dim), np.float32),
+           "instruction": [INSTRUCTION] * 2}
+    noisy = policy.act(obs, generator=torch.Generator().manual_seed(0), x0_seeds=[1, 2])["chain"]
+    noise_free = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["chain"]
+    assert torch.allclose(noisy[:, :K], noise_free[:, :K], atol=1e-6) and not torch.allclose(noisy[:, K], noise_free[:, K])
+    err = run_expecting_error(bandit_args(files, tmp_path, "openvla", 1, noise_steps=[0], run_name="o"), capsys)
+    assert "--noise-steps is for pi05 policies" in err
+    err = run_expecting_error(bandit_args(files, tmp_path, "pi05", 1, noise_steps=[K], run_name="b"), capsys)
+    assert f"--noise-steps must list denoising steps in 0..{K - 1}" in err
+    resumed = bandit_args(files, tmp_path, "pi05", iterations=3, noise_steps=[0], run_name="last", resume=True)
+    assert f"draws noise at steps [{K - 1}]" in run_expecting_error(resumed, capsys)
+
+
 @pytest.mark.parametrize("kind", ["pi05"])
 def test_resume_continues_exactly(files, tmp_path, monkeypatch, kind):
     from safetensors.torch import load_file

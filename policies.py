@@ -106,6 +106,7 @@ def _model_defaults(kind: str, size: str) -> dict:
             min_period=4e-3, max_period=4.0,  # sinusoidal time embedding (openpi)
             num_steps=4,          # K: Euler steps of the denoising chain, sampled (ReinFlow) and noise-free alike
             sigma_min=0.08, sigma_max=0.16,  # noise-std bounds (RLinf's flow_noise defaults)
+            noise_steps=None,     # the denoising steps that draw that noise (None: all K); Stage II's --noise-steps
             noise_hidden=128, value_hidden=(512, 128),
             # openpi's Pi0Config.discrete_state_input: True (pi0.5) writes the state into the prompt
             # as 256-bin tokens; False gives pi0.5 no state at all (its prompt is pi0's text format)

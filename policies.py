@@ -755,6 +755,16 @@ def reinflow_time_grid(num_steps: int) -> list[float]:
     return [1.0 - k / num_steps for k in range(num_steps)]
 
 
+def reinflow_noisy_steps(steps, K: int) -> list[int]:
+    """noise_steps checked and sorted, duplicates dropped; None: all K steps. ValueError if empty or
+    any index lies outside [0, K)."""
+    if steps is None:
+        return list(range(K))
+    if not steps or any(not 0 <= int(k) < K for k in steps):
+        raise ValueError(f"noise_steps {steps!r}: expected denoising step indices in [0, {K})")
+    return sorted({int(k) for k in steps})
+
+
 class Pi05Policy(Policy):
     """pi0.5 with a ReinFlow noise head and a value head.
 
@@ -920,12 +930,7 @@ class Pi05Policy(Policy):
 
     def noisy_steps(self, K: int) -> list[int]:
         """The denoising steps k < K that draw x_{k+1} ~ N(mu_k, sigma_k^2) (the rest are noise-free)."""
-        steps = self.config["model"].get("noise_steps")
-        if steps is None:
-            return list(range(K))
-        if not steps or any(not 0 <= int(k) < K for k in steps):
-            raise ValueError(f"noise_steps {steps!r}: expected denoising step indices in [0, {K})")
-        return sorted({int(k) for k in steps})
+        return reinflow_noisy_steps(self.config["model"].get("noise_steps"), K)
 
     def noise_std(self, expert_out):
         """sigma in [sigma_min, sigma_max] via a tanh-mapped log-std (RLinf flow_noise)."""

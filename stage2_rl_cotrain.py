@@ -369,9 +369,10 @@ def main(args: Args):
         fail(f"--noise-steps is for pi05 policies (ReinFlow's step noise); {args.init} holds a {policy.kind} policy")
     if args.noise_steps is not None:
         K = policy.config["model"]["num_steps"]
-        if not args.noise_steps or any(not 0 <= k < K for k in args.noise_steps):
+        try:
+            args.noise_steps = policies.reinflow_noisy_steps(args.noise_steps, K)
+        except ValueError:
             fail(f"--noise-steps must list denoising steps in 0..{K - 1} (the policy's K = {K}), got {args.noise_steps}")
-        args.noise_steps = sorted(set(args.noise_steps))
     if args.temperature is not None and policy.kind != "openvla":
         fail(f"--temperature is for openvla policies (pi05 explores by its noise head); {args.init} holds pi05")
     if resume_from is None:
@@ -401,9 +402,10 @@ def main(args: Args):
         if args.sigma_range is not None and tuple(map(float, args.sigma_range)) != (m["sigma_min"], m["sigma_max"]):
             fail(f"--sigma-range {args.sigma_range[0]:g} {args.sigma_range[1]:g}: the run in {run_dir} uses "
                  f"{m['sigma_min']:g} {m['sigma_max']:g}; resume it with that range or without the option")
-        if args.noise_steps is not None and args.noise_steps != policy.noisy_steps(m["num_steps"]):
+        saved_steps = policy.noisy_steps(m["num_steps"])
+        if args.noise_steps is not None and args.noise_steps != saved_steps:
             fail(f"--noise-steps {' '.join(map(str, args.noise_steps))}: the run in {run_dir} draws noise at steps "
-                 f"{policy.noisy_steps(m['num_steps'])}; resume it with those or without the option")
+                 f"{saved_steps}; resume it with those or without the option")
     args.critic_potential = bool(policy.config["model"].get("value_potential_input", False))  # rollouts feed phi
     if args.critic_potential and args.reward != "shaped":
         fail(f"--critic-potential's critic reads the shaping potential: it needs --reward shaped, got {args.reward}")

@@ -44,6 +44,8 @@ class Args:
     """Stage I's --start-frames / --start-weight: each episode's first N frames drawn W times as often (0: uniform)"""
     start_weight: float = 1.0
     """see --start-frames"""
+    augment: bool = True
+    """Stage I's --augment: random crop and colour jitter on training images (--no-augment: off)"""
     chunk_size: int = 0
     """Stage I's --chunk-size: actions per predicted chunk, all executed (0: the policy's default, 4 for pi05, 1 for openvla)"""
     sim_episodes: int = 100
@@ -89,6 +91,7 @@ def main(args: Args):
                             "--seed", str(seed), "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name,
                             *(["--policy-overrides", *args.policy_overrides] if args.policy_overrides else []),
                             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
+                            *([] if args.augment else ["--no-augment"]),
                             *(["--start-frames", str(args.start_frames), "--start-weight", str(args.start_weight)]
                               if args.start_frames else []),
                             *resume])
@@ -102,7 +105,7 @@ def main(args: Args):
                "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
                "lr": args.lr, "ema_decay": args.ema_decay, "chunk_size": args.chunk_size or None, "sim_episodes": args.sim_episodes,
                "start_frames": args.start_frames, "start_weight": args.start_weight,
-               "image_size": args.image_size,
+               "augment": args.augment, "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}
         upsert_row(out, row)
         print(f"{task} {args.policy} {args.attempt}: sim success {row['sim_success_pct']:.1f} % "

@@ -42,6 +42,35 @@ def test_learnability_keeps_a_dataset_folder_per_demo_count():
     assert a == ROOT / "data" / "open_drawer" / "sim_100"  # reproduce.py's layout: the datasets are shared
 
 
+def test_learnability_passes_its_stage1_options_and_writes_the_row(tmp_path, monkeypatch):
+    learnability = load("learnability")
+    commands = []
+
+    def pretend(cmd):  # demo collection does nothing; a Stage I run leaves its final checkpoint at 60 %
+        commands.append(cmd)
+        if "stage1_sft_cotrain.py" in cmd[1]:
+            final = Path(cmd[cmd.index("--runs-dir") + 1]) / cmd[cmd.index("--run-name") + 1] / "checkpoints" / "final"
+            final.mkdir(parents=True)
+            (final / "config.json").write_text(json.dumps({"extra": {"eval/success_sim": 0.6, "protocol": "p"}}))
+        return 2.0
+
+    monkeypatch.setattr(learnability, "run", pretend)
+    common = ["--tasks", "pick_and_place", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+              "--out", str(tmp_path / "rows.json")]
+    learnability.main(learnability.tyro.cli(learnability.Args, args=common))
+    learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "plain", "--no-augment",
+                                                                      "--ema-decay", "0.999"]))
+    stage1 = [c for c in commands if "stage1_sft_cotrain.py" in c[1]]
+    assert len(stage1) == 2
+    default, plain = stage1
+    assert "--no-augment" in plain and "--no-augment" not in default
+    assert plain[plain.index("--ema-decay") + 1] == "0.999" and plain[plain.index("--alpha") + 1] == "1"
+    rows = {r["attempt"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert (rows["default"]["augment"], rows["plain"]["augment"]) == (True, False)
+    assert rows["plain"]["sim_success_pct"] == pytest.approx(60.0) and rows["plain"]["stage1_wall_s"] == [2.0]
+    assert rows["plain"]["criterion_met"] is False
+
+
 def test_rl_gain_quarters_of_the_rollout_success():
     rl_gain = load("rl_gain")
     rows = [{"iteration": 0, "global_step": 0, "eval/success_sim": 0.4}]  # an evaluation row: no rollout

@@ -67,8 +67,12 @@ class Args:
     """index of the first training seed used (default: 0 for sim, 500000 for proxy_real: other initial states)"""
     max_episode_steps: Optional[int] = None
     """time limit of an attempt (default: the task's)"""
+    dart_noise: float = 0.0
+    """std of Gaussian noise (normalized units, 1 = 10 cm) added to the executed motion dims 0-2 while
+    the expert's own action is recorded (DART, Laskey et al. 2017): demos that show the way back
+    from small position errors, the errors a cloned policy makes. 0: off; not with --teleop"""
     seed: int = 0
-    """seed of the teleoperation variability"""
+    """seed of the teleoperation variability and of the DART noise"""
     gap: Optional[float] = None
     """proxy_real only: how far from the sim twin, 0 (the twin) .. 1 (the full proxy_real domain, the default); see envs.make_env"""
 
@@ -123,6 +127,8 @@ def resolve_defaults(args: Args) -> Args:
         fail("--num-episodes and --num-envs must be >= 1")
     if args.gap is not None and (not real or not 0.0 <= args.gap <= 1.0):
         fail(f"--gap {args.gap}: a number in [0, 1], for --domain proxy_real only")
+    if args.dart_noise < 0 or (args.dart_noise and args.teleop):
+        fail(f"--dart-noise {args.dart_noise}: a std >= 0, and only without --teleop (teleop records the noisy action)")
     if args.image_format == "video" and args.image_size % 2:
         fail(f"--image-size {args.image_size}: h264 video needs an even size (or use --image-format image)")
     return args
@@ -136,6 +142,8 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter, int]:
                                               "first_attempt", "max_episode_steps", "seed")}
     if args.gap is not None:  # only when given: datasets made before --gap existed stay continuable
         settings["gap"] = args.gap
+    if args.dart_noise:  # likewise
+        settings["dart_noise"] = args.dart_noise
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     provenance = out / PROVENANCE
     if provenance.is_file():
@@ -193,6 +201,9 @@ def main(args: Args):
         return TeleopNoise(rng, args.teleop_noise, args.teleop_speed, args.teleop_pause_prob) if args.teleop else None
 
     noise = [new_noise(a) for a in attempt]
+    # DART: one generator per attempt, as the teleop noise (a resumed collection repeats it)
+    dart_rng = lambda a: np.random.default_rng([args.seed, int(a), 1])
+    dart = [dart_rng(a) for a in attempt]
     finished = {}                                    # attempt -> episode dict, or None if it failed
     next_to_write, failures = next_attempt, 0
     max_failures = max(100, 5 * args.num_episodes)
@@ -209,9 +220,15 @@ def main(args: Args):
         while writer.num_episodes < args.num_episodes:
             expert = env.expert_action()
             action = np.stack([noise[i](expert[i]) if noise[i] else expert[i] for i in range(n)])
+            label = action                           # what the dataset records
+            if args.dart_noise:                      # execute a perturbed action, record the expert's
+                label, action = action, action.copy()
+                for i in range(n):
+                    action[i, :3] += args.dart_noise * dart[i].normal(size=3)
+                action = np.clip(action, -1.0, 1.0)
             next_obs, _, terminated, truncated, info = env.step(action, render=True)
             for i in range(n):
-                frames[i].append((obs["image"][i], obs["state"][i], action[i], info["success"][i]))
+                frames[i].append((obs["image"][i], obs["state"][i], label[i], info["success"][i]))
                 if not (terminated[i] or truncated[i]):
                     continue
                 # the episode is over (the sub-env has already started its next attempt)
@@ -225,7 +242,7 @@ def main(args: Args):
                                    task=instruction[i], seed=int(info["seed"][i]))
                 finished[int(attempt[i])] = episode
                 attempt[i] += n
-                frames[i], noise[i] = [], new_noise(attempt[i])
+                frames[i], noise[i], dart[i] = [], new_noise(attempt[i]), dart_rng(attempt[i])
                 instruction[i] = next_obs["instruction"][i]
             obs = next_obs
             # write in attempt order, so a rerun or a resume gives the same dataset

@@ -50,6 +50,8 @@ class Args:
     """Stage I's --chunk-size: actions per predicted chunk, all executed (0: the policy's default, 4 for pi05, 1 for openvla)"""
     sim_episodes: int = 100
     """sim demos"""
+    dart_noise: float = 0.0
+    """collect_demos.py's --dart-noise for the sim demos (recorded labels stay the expert's; 0: off); its datasets get their own folder"""
     real_episodes: int = 20
     """proxy_real demos (normalization statistics only at alpha = 1)"""
     image_size: int = 64
@@ -72,9 +74,12 @@ def main(args: Args):
     for task in args.tasks:
         counts = {"sim": args.sim_episodes, "proxy_real": args.real_episodes}
         data = {d: dataset_dir(args.data_dir, task, d, n, args.image_size) for d, n in counts.items()}
+        dart = ["--dart-noise", str(args.dart_noise)] if args.dart_noise else []
+        if dart:
+            data["sim"] = data["sim"].with_name(f"{data['sim'].name}_dart{args.dart_noise:g}")
         for domain, n in counts.items():
             run([py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
-                 "--out", str(data[domain]), "--image-size", str(args.image_size)])
+                 "--out", str(data[domain]), "--image-size", str(args.image_size), *(dart if domain == "sim" else [])])
         per_seed, walls, protocol = [], [], None
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
@@ -104,6 +109,7 @@ def main(args: Args):
                "sim_success_pct": sum(per_seed) / len(per_seed), "per_seed_pct": per_seed,
                "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
                "lr": args.lr, "ema_decay": args.ema_decay, "chunk_size": args.chunk_size or None, "sim_episodes": args.sim_episodes,
+               "dart_noise": args.dart_noise,
                "start_frames": args.start_frames, "start_weight": args.start_weight,
                "augment": args.augment, "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}

@@ -168,3 +168,58 @@ def test_killed_collection_resumes_to_the_same_dataset(tmp_path, tiny_data):
         assert diff.mean() < 2.0, (i, diff.mean())
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+class ScriptedEnv:
+    """Stands in for envs.make_env: a constant expert action, episodes of 6 steps that succeed, and
+    a log of every action executed."""
+
+    def __init__(self, expert):
+        self.expert, self.executed, self.t, self.attempt = np.asarray(expert, np.float32), [], 0, 0
+
+    def obs(self):
+        return {"image": np.zeros((1, 32, 32, 3), np.uint8), "state": np.zeros((1, 8), np.float32),
+                "instruction": ["open the drawer"]}
+
+    def reset(self):
+        return self.obs(), {}
+
+    def expert_action(self):
+        return self.expert[None].copy()
+
+    def step(self, action, render=True):
+        self.executed.append(np.array(action[0]))
+        self.t += 1
+        done = self.t == 6
+        info = {"success": np.array([done]), "seed": np.array([collect_demos.envs.train_seed(self.attempt)])}
+        if done:  # auto-reset onto the next attempt
+            self.t, self.attempt = 0, self.attempt + 1
+        return self.obs(), None, np.array([done]), np.array([False]), info
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("dart_noise", [0.0, 0.1])
+def test_dart_executes_perturbed_motion_and_records_the_expert(tmp_path, monkeypatch, dart_noise):
+    expert = [0.3, -0.2, 0.1, 0.05, 0.0, -0.05, -1.0]
+    env = ScriptedEnv(expert)
+    monkeypatch.setattr(collect_demos.envs, "make_env", lambda *a, **kw: env)
+    out = tmp_path / "sim"
+    collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=20, num_envs=1,
+                                          image_size=32, image_format="image", dart_noise=dart_noise))
+    recorded = demos.LeRobotDataset(out).actions
+    executed = np.stack(env.executed)
+    assert recorded.shape == executed.shape == (120, 7)
+    np.testing.assert_allclose(recorded, np.tile(expert, (120, 1)), atol=1e-6)  # the labels: the expert's
+    np.testing.assert_allclose(executed[:, 3:], recorded[:, 3:], atol=1e-6)     # rotation and gripper as commanded
+    deviation = executed[:, :3] - recorded[:, :3]
+    if dart_noise == 0:
+        assert np.abs(deviation).max() < 1e-6
+    else:  # N(0, 0.1) on each position dim: 360 draws, std within 15 %, mean near 0
+        assert np.std(deviation) == pytest.approx(dart_noise, rel=0.15)
+        assert abs(np.mean(deviation)) < 0.03
+        provenance = json.loads((out / collect_demos.PROVENANCE).read_text())["settings"]
+        assert provenance["dart_noise"] == dart_noise
+    with pytest.raises(SystemExit):  # teleop records the noisy action: the two do not mix
+        collect_demos.resolve_defaults(collect_demos.Args(domain="proxy_real", dart_noise=0.1))

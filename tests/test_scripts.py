@@ -60,15 +60,25 @@ def test_learnability_passes_its_stage1_options_and_writes_the_row(tmp_path, mon
     learnability.main(learnability.tyro.cli(learnability.Args, args=common))
     learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "plain", "--no-augment",
                                                                       "--ema-decay", "0.999"]))
+    learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "dart", "--dart-noise", "0.1"]))
     stage1 = [c for c in commands if "stage1_sft_cotrain.py" in c[1]]
-    assert len(stage1) == 2
-    default, plain = stage1
+    assert len(stage1) == 3
+    default, plain, dart = stage1
+    # DART demos: the sim collection gets the noise and a folder of its own, which Stage I trains on
+    collect = [c for c in commands if "collect_demos.py" in c[1]]
+    sim_dart = [c for c in collect if "--dart-noise" in c]
+    assert len(sim_dart) == 1 and sim_dart[0][sim_dart[0].index("--domain") + 1] == "sim"
+    assert sim_dart[0][sim_dart[0].index("--dart-noise") + 1] == "0.1"
+    dart_dir = sim_dart[0][sim_dart[0].index("--out") + 1]
+    assert dart_dir.endswith("sim_100_dart0.1") and dart[dart.index("--sim-data") + 1] == dart_dir
+    assert default[default.index("--sim-data") + 1].endswith("sim_100")
     assert "--no-augment" in plain and "--no-augment" not in default
     assert plain[plain.index("--ema-decay") + 1] == "0.999" and plain[plain.index("--alpha") + 1] == "1"
     rows = {r["attempt"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert (rows["default"]["augment"], rows["plain"]["augment"]) == (True, False)
     assert rows["plain"]["sim_success_pct"] == pytest.approx(60.0) and rows["plain"]["stage1_wall_s"] == [2.0]
     assert rows["plain"]["criterion_met"] is False
+    assert (rows["default"]["dart_noise"], rows["dart"]["dart_noise"]) == (0.0, 0.1)
 
 
 def test_rl_gain_quarters_of_the_rollout_success():

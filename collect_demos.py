@@ -134,8 +134,10 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
-def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter, int]:
-    """The writer, and the first attempt not yet made: after the last one in the dataset."""
+def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter | None, int]:
+    """The writer, and the first attempt not yet made: after the last one in the dataset. A dataset
+    this script made that already holds --num-episodes is only read: (None, the episodes it holds),
+    so that several study jobs can share one without any of them writing to it."""
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in ("task", "domain", "variant", "image_size", "image_format",
                                               "teleop", "teleop_noise", "teleop_speed", "teleop_pause_prob",
@@ -152,6 +154,10 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter, int]:
             differ = {k: (made_with.get(k), v) for k, v in settings.items() if made_with.get(k) != v}
             fail(f"{out} was collected with other settings; (theirs, yours): {differ}\n"
                  "  rerun with the same options to continue it, or choose another --out")
+        info = out / "meta/info.json"
+        held = json.loads(info.read_text()).get("total_episodes", 0) if info.is_file() else 0
+        if held >= args.num_episodes:
+            return None, held
     try:
         writer = demos.LeRobotWriter(out, fps=fps, image_shape=(args.image_size, args.image_size, 3),
                                      use_videos=args.image_format == "video", robot_type="panda")
@@ -182,10 +188,10 @@ def main(args: Args):
 
     fps = envs.CONTROL_FREQ
     writer, next_attempt = open_dataset(args, fps)
-    already = writer.num_episodes
-    if already >= args.num_episodes:
-        print(f"{args.out} already holds {already} episodes (asked for {args.num_episodes}); nothing to do")
+    if writer is None:
+        print(f"{args.out} already holds {next_attempt} episodes (asked for {args.num_episodes}); nothing to do")
         return
+    already = writer.num_episodes
     print(f"collecting {args.num_episodes - already} {args.task} episodes ({args.domain}, "
           f"{'teleop-like' if args.teleop else 'scripted expert'}) into {args.out}"
           + (f", continuing after {already}" if already else "") + f", {args.num_envs} envs in parallel")

@@ -327,8 +327,10 @@ class LeRobotWriter:
         if files:  # the last data file is the one being filled
             self._data_file = files[-1]
             table = pq.read_table(self.root / DATA_PATH.format(chunk_index=files[-1][0], file_index=files[-1][1]))
-            self._data_pieces = [table.filter(pa.compute.less(table["index"], total))]
-            self._write_data_file()
+            kept = table.filter(pa.compute.less(table["index"], total))
+            self._data_pieces = [kept]
+            if kept.num_rows < table.num_rows:  # rewritten only when rows were dropped
+                self._write_data_file()
         self._write_metadata()
         for tmp in self.root.rglob(".*.tmp"):  # leftovers of a killed write
             tmp.unlink()

@@ -223,3 +223,20 @@ def test_dart_executes_perturbed_motion_and_records_the_expert(tmp_path, monkeyp
         assert provenance["dart_noise"] == dart_noise
     with pytest.raises(SystemExit):  # teleop records the noisy action: the two do not mix
         collect_demos.resolve_defaults(collect_demos.Args(domain="proxy_real", dart_noise=0.1))
+
+
+def test_a_complete_dataset_is_only_read(tmp_path, tiny_data, capsys, monkeypatch):
+    """Study jobs that share a dataset run collect_demos.py on it each: a dataset that already holds
+    the episodes asked for must come out byte for byte and file for file as it was, with no env made."""
+    out = tmp_path / "sim"
+    shutil.copytree(tiny_data["sim"], out)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(collect_demos.envs, "make_env", lambda *a, **kw: pytest.fail("made an env"))
+    for asked in (4, 2):
+        collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=asked, image_size=64,
+                                              num_envs=1))
+        assert "already holds 4 episodes" in capsys.readouterr().out
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    with pytest.raises(SystemExit):  # other settings are still refused, complete or not
+        collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=4, image_size=32))

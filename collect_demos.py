@@ -53,6 +53,9 @@ class Args:
     """side of the square camera image (pixels)"""
     image_format: Literal["video", "image"] = "video"
     """video: h264 mp4 per episode (as real LeRobot datasets); image: PNG in the data parquet"""
+    wrist_camera: bool = False
+    """also record the camera on the Panda's hand (feature observation.images.wrist), for policies
+    that read two views (pi05 --policy-overrides wrist_camera true)"""
     num_envs: Optional[int] = None
     """envs run in parallel, in worker processes (default: the number of CPUs)"""
     teleop: Optional[bool] = None
@@ -146,6 +149,8 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter | None, int]
         settings["gap"] = args.gap
     if args.dart_noise:  # likewise
         settings["dart_noise"] = args.dart_noise
+    if args.wrist_camera:  # likewise
+        settings["wrist_camera"] = True
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
     provenance = out / PROVENANCE
     if provenance.is_file():
@@ -160,7 +165,8 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter | None, int]
             return None, held
     try:
         writer = demos.LeRobotWriter(out, fps=fps, image_shape=(args.image_size, args.image_size, 3),
-                                     use_videos=args.image_format == "video", robot_type="panda")
+                                     use_videos=args.image_format == "video", robot_type="panda",
+                                     camera_keys=tuple(CAMERA_FEATURES[k] for k in view_keys(args)))
     except (FileExistsError, ValueError) as e:
         fail(str(e))
     if not provenance.is_file():
@@ -176,6 +182,14 @@ def open_dataset(args: Args, fps: int) -> tuple[demos.LeRobotWriter | None, int]
         if next_attempt - args.first_attempt > 100 * (len(seeds) + 100):
             fail(f"{out}: its episode seeds do not follow --first-attempt {args.first_attempt}")
     return writer, next_attempt
+
+
+# the env's observation key of each camera -> its dataset feature
+CAMERA_FEATURES = {"image": demos.IMAGE_KEY, "wrist_image": demos.WRIST_IMAGE_KEY}
+
+
+def view_keys(args: Args) -> tuple:
+    return ("image", "wrist_image") if args.wrist_camera else ("image",)
 
 
 def stop_on_sigterm(signum, frame):
@@ -200,7 +214,7 @@ def main(args: Args):
     # (auto-reset): every attempt is made exactly once, whatever the number of envs
     n = args.num_envs
     attempt = next_attempt + np.arange(n)           # attempt of each sub-env's current episode
-    frames = [[] for _ in range(n)]                  # (image, state, action, success) so far
+    frames = [[] for _ in range(n)]                  # ({view: image}, state, action, success) so far
 
     def new_noise(a):  # per attempt: the same attempt always gets the same variability
         rng = np.random.default_rng([args.seed, int(a)])
@@ -218,7 +232,7 @@ def main(args: Args):
     try:
         env = envs.make_env(args.task, args.domain, args.variant, num_envs=n, image_size=args.image_size,
                             seed=envs.train_seed(next_attempt), max_episode_steps=args.max_episode_steps,
-                            auto_reset=True, gap=args.gap)
+                            auto_reset=True, gap=args.gap, wrist_camera=args.wrist_camera)
         obs, _ = env.reset()
         instruction = list(obs["instruction"])
         startup_s, start = time.perf_counter() - start, time.perf_counter()
@@ -234,7 +248,8 @@ def main(args: Args):
                 action = np.clip(action, -1.0, 1.0)
             next_obs, _, terminated, truncated, info = env.step(action, render=True)
             for i in range(n):
-                frames[i].append((obs["image"][i], obs["state"][i], label[i], info["success"][i]))
+                views = {CAMERA_FEATURES[k]: obs[k][i] for k in view_keys(args)}
+                frames[i].append((views, obs["state"][i], label[i], info["success"][i]))
                 if not (terminated[i] or truncated[i]):
                     continue
                 # the episode is over (the sub-env has already started its next attempt)
@@ -243,7 +258,9 @@ def main(args: Args):
                                        "envs' auto-reset seeds no longer follow envs.train_seed")
                 episode = None                       # failed attempts are counted, not kept
                 if terminated[i]:                    # terminated = reached success
-                    images, states, actions, success = (np.stack(x) for x in zip(*frames[i]))
+                    views, states, actions, success = zip(*frames[i])
+                    images = {key: np.stack([v[key] for v in views]) for key in views[0]}
+                    states, actions, success = np.stack(states), np.stack(actions), np.stack(success)
                     episode = dict(images=images, states=states, actions=actions, success=success,
                                    task=instruction[i], seed=int(info["seed"][i]))
                 finished[int(attempt[i])] = episode

@@ -9,8 +9,8 @@ A LeRobot v3.0 dataset is a folder (what `lerobot-record` writes):
     meta/episodes/chunk-000/file-000.parquet  one row per episode: length, where its rows and
                                             video frames are (dataset_from_index, ...), stats
     data/chunk-CCC/file-FFF.parquet         one row per frame: state, action, indices, timestamp
-    videos/<image key>/chunk-CCC/file-FFF.mp4  camera frames; an episode is the time span
-                                            [from_timestamp, to_timestamp) of one file
+    videos/<image key>/chunk-CCC/file-FFF.mp4  camera frames (one folder per camera); an episode
+                                            is the time span [from_timestamp, to_timestamp) of one file
 
 The `lerobot` package itself is not used (it needs Python >= 3.12 and an older torch): the
 files are read and written with pyarrow and PyAV directly. Datasets written here have the files,
@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 IMAGE_KEY = "observation.images.front"
+WRIST_IMAGE_KEY = "observation.images.wrist"  # a second camera, on the robot's hand
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 # The project's conventions (README, docs/interfaces.md): tcp position, tcp quaternion (wxyz), gripper opening / ee delta pose
@@ -228,15 +229,25 @@ def _encode_png(image: np.ndarray) -> bytes:
 class LeRobotWriter:
     """Writes (or extends) a LeRobot v3.0 dataset folder, one episode at a time.
 
-    use_videos=True stores the camera as h264 mp4 (one file per episode, LeRobot `video`
-    feature); False stores PNG bytes in the data parquet (`image` feature). Data parquet files
-    roll over at data_file_mb. resume=True continues a dataset this writer made with the same
-    settings; a folder holding anything else is refused.
+    camera_keys names the cameras, one image feature each (e.g. (IMAGE_KEY, WRIST_IMAGE_KEY)),
+    all of image_shape. use_videos=True stores each camera as h264 mp4 (one file per episode and
+    camera, LeRobot `video` feature); False stores PNG bytes in the data parquet (`image`
+    feature). Data parquet files roll over at data_file_mb. resume=True continues a dataset this
+    writer made with the same settings; a folder holding anything else is refused.
     """
 
     def __init__(self, root, fps, image_shape=(128, 128, 3), state_dim=8, action_dim=7,
-                 use_videos=True, robot_type="panda", resume=True, data_file_mb=5.0):
+                 use_videos=True, robot_type="panda", resume=True, data_file_mb=5.0,
+                 camera_keys=(IMAGE_KEY,)):
         self.root = Path(root)
+        if isinstance(camera_keys, str):
+            camera_keys = (camera_keys,)
+        self.camera_keys = tuple(camera_keys)
+        taken = {ACTION_KEY, STATE_KEY, "next.success", *INDEX_FEATURES}
+        if not self.camera_keys or len(set(self.camera_keys)) != len(self.camera_keys) or any(
+                not isinstance(k, str) or not k or "/" in k or k in taken for k in self.camera_keys):
+            raise ValueError(f"camera_keys must be distinct non-empty feature names without '/', "
+                             f"other than {sorted(taken)}; got {camera_keys!r}")
         self.fps = fps
         self.image_shape = tuple(int(s) for s in image_shape)
         self.state_dim, self.action_dim = int(state_dim), int(action_dim)
@@ -294,7 +305,7 @@ class LeRobotWriter:
                          "names": names(self.action_dim, ACTION_NAMES)},
             STATE_KEY: {"dtype": "float32", "shape": [self.state_dim],
                         "names": names(self.state_dim, STATE_NAMES)},
-            IMAGE_KEY: image,
+            **{key: image for key in self.camera_keys},  # one image feature per camera
             "timestamp": scalar("float32"), "frame_index": scalar("int64"),
             "episode_index": scalar("int64"), "index": scalar("int64"),
             "task_index": scalar("int64"), "next.success": scalar("bool"),
@@ -337,18 +348,32 @@ class LeRobotWriter:
 
     # -- writing ------------------------------------------------------------------------------
     def add_episode(self, images, states, actions, task: str, success=None, seed=None):
-        """Append one episode: images uint8 [T, H, W, 3], states [T, S], actions [T, A], task
-        string, success bool [T] (next.success, optional), seed (provenance, optional).
-        The episode is on disk, and the folder a valid dataset, when this returns."""
-        images = np.asarray(images)
+        """Append one episode: images uint8 [T, H, W, 3] (a writer with one camera) or a dict
+        {camera key: uint8 [T, H, W, 3]} with every camera of the writer, states [T, S],
+        actions [T, A], task string, success bool [T] (next.success, optional), seed
+        (provenance, optional). The episode is on disk, and the folder a valid dataset, when
+        this returns."""
+        if not isinstance(images, dict):
+            if len(self.camera_keys) != 1:
+                raise ValueError(f"this writer has cameras {list(self.camera_keys)}: pass images as a "
+                                 "dict {camera key: uint8 [T, H, W, 3]}")
+            images = {self.camera_keys[0]: images}
+        missing = [k for k in self.camera_keys if k not in images]
+        extra = [k for k in images if k not in self.camera_keys]
+        if missing or extra:
+            raise ValueError(f"images must hold exactly the cameras {list(self.camera_keys)}; "
+                             f"missing {missing}, extra {extra}")
+        images = {key: np.asarray(images[key]) for key in self.camera_keys}
         states = np.asarray(states, dtype=np.float32)
         actions = np.asarray(actions, dtype=np.float32)
         t = len(states)
         if t == 0:
             raise ValueError("an episode needs at least one frame")
-        if images.shape != (t, *self.image_shape) or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [{t}, {', '.join(map(str, self.image_shape))}], "
-                             f"got {images.dtype} {list(images.shape)}")
+        for key, frames in images.items():
+            if frames.shape != (t, *self.image_shape) or frames.dtype != np.uint8:
+                raise ValueError(f"images must be uint8 [{t}, {', '.join(map(str, self.image_shape))}], "
+                                 f"got {frames.dtype} {list(frames.shape)}"
+                                 + (f" for '{key}'" if len(images) > 1 else ""))
         if states.shape != (t, self.state_dim) or actions.shape != (t, self.action_dim):
             raise ValueError(f"states must be [{t}, {self.state_dim}] and actions [{t}, "
                              f"{self.action_dim}], got {list(states.shape)} and {list(actions.shape)}")
@@ -376,9 +401,10 @@ class LeRobotWriter:
             "next.success": pa.array(success, pa.bool_()),
         }
         if not self.use_videos:
-            columns[IMAGE_KEY] = pa.StructArray.from_arrays(
-                [pa.array([_encode_png(im) for im in images], pa.binary()),
-                 pa.array([None] * t, pa.string())], names=["bytes", "path"])
+            for key, frames in images.items():
+                columns[key] = pa.StructArray.from_arrays(
+                    [pa.array([_encode_png(im) for im in frames], pa.binary()),
+                     pa.array([None] * t, pa.string())], names=["bytes", "path"])
         table = pa.table(columns)
 
         # roll over to a new data file once the current one is full
@@ -391,19 +417,20 @@ class LeRobotWriter:
         row = {"episode_index": episode_index, "tasks": [task], "length": t,
                "data/chunk_index": self._data_file[0], "data/file_index": self._data_file[1],
                "dataset_from_index": start, "dataset_to_index": start + t}
-        if self.use_videos:  # one mp4 per episode: a kill never truncates a file others need
+        if self.use_videos:  # one mp4 per episode and camera: a kill never truncates a file others need
             chunk, file = divmod(episode_index, CHUNKS_SIZE)
-            _encode_video(self.root / VIDEO_PATH.format(video_key=IMAGE_KEY, chunk_index=chunk,
-                                                        file_index=file), images, self.fps)
-            row.update({f"videos/{IMAGE_KEY}/chunk_index": chunk,
-                        f"videos/{IMAGE_KEY}/file_index": file,
-                        f"videos/{IMAGE_KEY}/from_timestamp": 0.0,
-                        f"videos/{IMAGE_KEY}/to_timestamp": t / self.fps})
+            for key, frames in images.items():
+                _encode_video(self.root / VIDEO_PATH.format(video_key=key, chunk_index=chunk,
+                                                            file_index=file), frames, self.fps)
+                row.update({f"videos/{key}/chunk_index": chunk,
+                            f"videos/{key}/file_index": file,
+                            f"videos/{key}/from_timestamp": 0.0,
+                            f"videos/{key}/to_timestamp": t / self.fps})
         self._write_data_file()
 
         # per-episode stats, in the episodes table as LeRobot keeps them
         per_episode = {ACTION_KEY: compute_stats(actions), STATE_KEY: compute_stats(states),
-                       IMAGE_KEY: image_stats(images)}
+                       **{key: image_stats(frames) for key, frames in images.items()}}
         for key in INDEX_FEATURES:
             per_episode[key] = compute_stats(columns[key].to_numpy())
         for key, stats in per_episode.items():
@@ -427,7 +454,7 @@ class LeRobotWriter:
 
     def _hf_feature(self, key):
         """The HuggingFace `datasets` feature of a data column (read by LeRobot)."""
-        if key == IMAGE_KEY:
+        if key in self.camera_keys:
             return {"_type": "Image"}
         if key in (ACTION_KEY, STATE_KEY):
             return {"feature": {"dtype": "float32", "_type": "Value"},
@@ -464,9 +491,10 @@ class LeRobotWriter:
         stats = {}
         for key, values in columns.items():
             stats[key] = {**compute_stats(values), "count": [n_frames]}
-        per_episode = [{name: e[f"stats/{IMAGE_KEY}/{name}"] for name in ("mean", "std", "min", "max", *QUANTILES)}
-                       for e in self.episodes]
-        stats[IMAGE_KEY] = {**merge_episode_stats(per_episode, lengths), "count": [n_frames]}
+        for key in self.camera_keys:
+            per_episode = [{name: e[f"stats/{key}/{name}"] for name in ("mean", "std", "min", "max", *QUANTILES)}
+                           for e in self.episodes]
+            stats[key] = {**merge_episode_stats(per_episode, lengths), "count": [n_frames]}
         write_json(self.root / "meta/stats.json", stats)
 
     def close(self):
@@ -499,25 +527,30 @@ class LeRobotDataset(torch.utils.data.Dataset):
     """Training samples from any LeRobot v3.0 folder: one sample per frame, holding
 
         image  uint8 [H, W, 3]   (not present when load_images=False)
+        wrist_image  uint8 [H, W, 3]   the second camera (only when wrist_image_key is given
+                                       and load_images=True)
         state  float32 [S]
         instruction  str         (the episode's task)
         actions  float32 [chunk_size, A]   this and the next chunk_size - 1 actions; past the
                                            episode end padded with its last action
         action_mask  bool [chunk_size]     False on the padding
 
-    image_key/state_key/action_key map a foreign dataset's features onto ours. episodes
-    (list of episode indices) keeps a subset; stats then describe that subset.
+    image_key/wrist_image_key/state_key/action_key map a foreign dataset's features onto ours.
+    episodes (list of episode indices) keeps a subset; stats then describe that subset.
 
-    Video frames are decoded on demand and kept in an LRU cache of cache_mb. When all decoded
-    frames fit in it, a sample's whole episode is decoded at once (each episode is decoded once
-    in all); otherwise only the sample's frame is (a seek, then at most a keyframe interval).
+    Video frames are decoded on demand and kept in an LRU cache of cache_mb, shared out among
+    the cameras. When all decoded frames fit in it, a sample's whole episode is decoded at once
+    (each episode is decoded once in all); otherwise only the sample's frame is (a seek, then at
+    most a keyframe interval).
     """
 
     def __init__(self, root, chunk_size=1, image_key=IMAGE_KEY, state_key=STATE_KEY,
-                 action_key=ACTION_KEY, load_images=True, episodes=None, cache_mb=2048):
+                 action_key=ACTION_KEY, load_images=True, episodes=None, cache_mb=2048,
+                 wrist_image_key=None):
         self.root = Path(root)
         self.chunk_size = int(chunk_size)
         self.image_key, self.state_key, self.action_key = image_key, state_key, action_key
+        self.wrist_image_key = wrist_image_key
         self.load_images = load_images
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -542,8 +575,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
         numeric = {"float32", "float64", "int64", "int32"}
         need(state_key, "--state-key", numeric, "a numeric")
         need(action_key, "--action-key", numeric, "a numeric")
-        if load_images:
-            need(image_key, "--image-key", {"video", "image"}, "an image or video")
+        # sample field -> feature key of each camera read
+        camera_keys = {"image": image_key, "wrist_image": wrist_image_key} if load_images else {}
+        camera_keys = {field: key for field, key in camera_keys.items() if key is not None}
+        for field, key in camera_keys.items():
+            need(key, "--image-key" if field == "image" else "--wrist-image-key",
+                 {"video", "image"}, "an image or video")
 
         self.tasks = read_tasks(self.root)
         eps = read_episodes(self.root)
@@ -562,9 +599,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root} holds no episodes" + (f" among {list(episodes)}" if episodes is not None else ""))
 
         # frames of the kept episodes, in episode order
-        image_in_parquet = load_images and features[image_key]["dtype"] == "image"
-        columns = [state_key, action_key, "episode_index", "index", "task_index", "timestamp"]
-        columns += [image_key] if image_in_parquet else []
+        png_keys = [key for key in camera_keys.values() if features[key]["dtype"] == "image"]
+        columns = [state_key, action_key, "episode_index", "index", "task_index", "timestamp", *png_keys]
         columns = list(dict.fromkeys(columns))  # a feature may serve twice (e.g. state = action)
         data_path = self.info.get("data_path", DATA_PATH)
         pieces = []
@@ -609,27 +645,32 @@ class LeRobotDataset(torch.utils.data.Dataset):
             if episodes is not None or key not in self.stats:
                 self.stats[key] = {**compute_stats(values), "count": [self.num_frames]}
 
-        # images
-        self._png = data[image_key].combine_chunks().field("bytes") if image_in_parquet else None
-        self._video_files, self._video_start = None, None
-        if load_images and not image_in_parquet:
-            cols = [f"videos/{image_key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
-            if any(c not in eps.column_names for c in cols):
-                raise ValueError(f"{self.root}: meta/episodes lacks {cols[0]} etc. for video '{image_key}'")
-            video_path = self.info.get("video_path") or VIDEO_PATH
-            per_episode = [self.root / video_path.format(video_key=image_key, chunk_index=c, file_index=f)
-                           for c, f in zip(eps[cols[0]].to_pylist(), eps[cols[1]].to_pylist())]
-            for e, path in zip(self.episode_indices, per_episode):
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"video file missing: {path} (frames of '{image_key}', episode {e}); "
-                        "read states and actions only with load_images=False")
-            ep_pos = np.searchsorted(self.episode_indices, self.frame_episode)
-            self._video_files = [str(per_episode[p]) for p in ep_pos]  # per frame
-            self._video_start = eps[cols[2]].to_numpy()[ep_pos]         # per frame
-        h, w = features[image_key]["shape"][:2] if load_images else (0, 0)
-        self._cache = OrderedDict()  # frame row -> decoded image, least recently used first
-        self._cache_frames = max(1, int(cache_mb * 2**20) // max(1, h * w * 3))
+        # images: per camera, its PNG column or its video file and start time per frame
+        self._cameras = {}  # sample field -> {"key", "png", "video_files", "video_start", "cache"}
+        for field, key in camera_keys.items():
+            camera = {"key": key, "png": None, "video_files": None, "video_start": None,
+                      "cache": OrderedDict()}  # cache: frame row -> decoded image, least recently used first
+            if key in png_keys:
+                camera["png"] = data[key].combine_chunks().field("bytes")
+            else:
+                cols = [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
+                if any(c not in eps.column_names for c in cols):
+                    raise ValueError(f"{self.root}: meta/episodes lacks {cols[0]} etc. for video '{key}'")
+                video_path = self.info.get("video_path") or VIDEO_PATH
+                per_episode = [self.root / video_path.format(video_key=key, chunk_index=c, file_index=f)
+                               for c, f in zip(eps[cols[0]].to_pylist(), eps[cols[1]].to_pylist())]
+                for e, path in zip(self.episode_indices, per_episode):
+                    if not path.is_file():
+                        raise FileNotFoundError(
+                            f"video file missing: {path} (frames of '{key}', episode {e}); "
+                            "read states and actions only with load_images=False")
+                ep_pos = np.searchsorted(self.episode_indices, self.frame_episode)
+                camera["video_files"] = [str(per_episode[p]) for p in ep_pos]  # per frame
+                camera["video_start"] = eps[cols[2]].to_numpy()[ep_pos]         # per frame
+            self._cameras[field] = camera
+        # each camera caches as many frames as cache_mb holds of one frame of every camera
+        frame_bytes = sum(int(np.prod(features[key]["shape"][:2])) * 3 for key in camera_keys.values())
+        self._cache_frames = max(1, int(cache_mb * 2**20) // max(1, frame_bytes))
         self._whole_episodes = self.num_frames <= self._cache_frames
 
     def __len__(self):
@@ -647,33 +688,36 @@ class LeRobotDataset(torch.utils.data.Dataset):
         mask = np.arange(self.chunk_size) < stop - i
         sample = {"state": self.states[i].copy(), "instruction": self.tasks[self.task_index[i]],
                   "actions": actions, "action_mask": mask}
-        if self.load_images:
-            sample["image"] = self._image(i)
+        for field, camera in self._cameras.items():
+            sample[field] = self._image(camera, i)
         return sample
 
-    def _image(self, i):
-        if self._png is not None:
-            return np.asarray(Image.open(io.BytesIO(self._png[i].as_py())).convert("RGB"))
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
+    def _image(self, camera, i):
+        """Frame i of one camera (an entry of self._cameras)."""
+        if camera["png"] is not None:
+            return np.asarray(Image.open(io.BytesIO(camera["png"][i].as_py())).convert("RGB"))
+        cache = camera["cache"]
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
         if self._whole_episodes:  # the decoded dataset fits in the cache: each episode once
             rows = np.arange(self.episode_end[i] - self.episode_length[i], self.episode_end[i])
         else:                     # decode frame i only (from the keyframe before it)
             rows = np.array([i])
         # frame r is at from_timestamp + timestamp in its video file (v3.0 concatenates episodes)
-        wanted = self._video_start[rows] + self.timestamps[rows]
+        wanted = camera["video_start"][rows] + self.timestamps[rows]
         tol = 0.5 / self.fps
-        times, frames = decode_video_frames(self._video_files[i], wanted[0], wanted[-1], tol)
+        path = camera["video_files"][i]
+        times, frames = decode_video_frames(path, wanted[0], wanted[-1], tol)
         nearest = np.abs(times[None, :] - wanted[:, None]).argmin(1) if len(times) else None
         if nearest is None or np.abs(times[nearest] - wanted).max() > tol:
-            raise ValueError(f"{self._video_files[i]} lacks frames of episode {self.frame_episode[i]} "
+            raise ValueError(f"{path} lacks frames of episode {self.frame_episode[i]} "
                              f"between {wanted[0]:.3f} s and {wanted[-1]:.3f} s")
         frames.flags.writeable = False  # shared with the cache
         for r, k in zip(rows, nearest):
-            self._cache[int(r)] = frames[k]
-        while len(self._cache) > self._cache_frames:
-            self._cache.popitem(last=False)
+            cache[int(r)] = frames[k]
+        while len(cache) > self._cache_frames:
+            cache.popitem(last=False)
         return frames[nearest[rows == i][0]]
 
 
@@ -685,10 +729,11 @@ def collate(samples: list[dict]) -> dict:
              "instruction": [s["instruction"] for s in samples],
              "actions": torch.from_numpy(np.stack([s["actions"] for s in samples])),
              "action_mask": torch.from_numpy(np.stack([s["action_mask"] for s in samples]))}
-    if all("image" in s for s in samples):
-        batch["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
-    elif any("image" in s for s in samples):
-        raise ValueError("collate got samples with and without images (load_images differs)")
+    for field, setting in (("image", "load_images"), ("wrist_image", "load_images or wrist_image_key")):
+        if all(field in s for s in samples):
+            batch[field] = torch.from_numpy(np.stack([s[field] for s in samples]))
+        elif any(field in s for s in samples):
+            raise ValueError(f"collate got samples with and without {field} ({setting} differs)")
     return batch
 
 

@@ -83,6 +83,11 @@ SIM_FREQ = 100
 MAX_EPISODE_STEPS = {"pick_and_place": 100, "push_cube": 80, "open_drawer": 50, "close_drawer": 50}
 
 ROBOT_BASE_XYZ = (-0.615, 0.0, 0.0)  # robot base on the table top (z = 0)
+# The optional wrist camera: where ManiSkill's panda_wristcam (panda_v3.urdf) mounts its RealSense,
+# the realsense_joint then camera_link_joint from panda_hand, looking along the fingers; its fov.
+WRIST_CAMERA = {"link": "panda_hand", "fov": np.pi / 2,
+                "pose": sapien.Pose(p=[0.035, 0.0, 0.036], q=[0.0, np.sqrt(0.5), 0.0, np.sqrt(0.5)])  # rpy (0, -pi/2, pi)
+                        * sapien.Pose(p=[0.0, 0.02, 0.0115])}
 # The fixed initial robot pose: gripper open, pointing straight down, 27 cm above the table (high
 # enough not to hide the objects from the camera).
 HOME_QPOS = np.array([0.0, np.pi / 8 - 0.2, 0.0, -np.pi * 5 / 8, 0.0, np.pi * 3 / 4 - 0.2, np.pi / 4, 0.04, 0.04])
@@ -290,8 +295,9 @@ class TwinTaskEnv(BaseEnv):
     `evaluate`, `compute_dense_reward` and `expert_action`.
 
     The ManiSkill observation is switched off (obs_mode="none"); `robot_state()` and
-    `render_image()` produce the two observation parts on demand, so that steps whose image is
-    not needed (inside an action chunk) cost physics only.
+    `render_views()` produce the observation parts on demand, so that steps whose image is
+    not needed (inside an action chunk) cost physics only. wrist_camera=True adds a second camera
+    on the Panda's hand (see WRIST_CAMERA), the same in every domain.
     """
 
     SUPPORTED_REWARD_MODES = ("normalized_dense", "dense", "sparse", "none")
@@ -300,12 +306,13 @@ class TwinTaskEnv(BaseEnv):
     camera_target = (0.0, 0.0, 0.0)  # ... and the point it looks at
 
     def __init__(self, *args, domain: str = "sim", variant: str = "in_distribution", image_size: int = 128,
-                 gap: float | None = None, **kwargs):
+                 gap: float | None = None, wrist_camera: bool = False, **kwargs):
         if domain not in DOMAINS:
             raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
         self.domain, self.variant, self.image_size = domain, variant, image_size
+        self.wrist_camera = bool(wrist_camera)
         # how far proxy_real is from the twin: every domain parameter and object colour (gap 1 = proxy_real)
         self.gap = 0.0 if domain == "sim" else (1.0 if gap is None else float(gap))
         self.params = domain_params(domain, self.gap if domain != "sim" else None)
@@ -328,7 +335,12 @@ class TwinTaskEnv(BaseEnv):
         pose = sapien_utils.look_at(eye=eye, target=target).sp
         roll = p["camera_roll"]  # rotation about the camera's viewing axis (its local x)
         pose = pose * sapien.Pose(q=[np.cos(roll / 2), np.sin(roll / 2), 0, 0])
-        return [CameraConfig("front", pose, self.image_size, self.image_size, p["camera_fov"], 0.01, 10)]
+        cameras = [CameraConfig("front", pose, self.image_size, self.image_size, p["camera_fov"], 0.01, 10)]
+        if self.wrist_camera:
+            cameras.append(CameraConfig("wrist", WRIST_CAMERA["pose"], self.image_size, self.image_size,
+                                        WRIST_CAMERA["fov"], 0.01, 10,
+                                        mount=self.agent.robot.links_map[WRIST_CAMERA["link"]]))
+        return cameras
 
     def _load_agent(self, options: dict):
         super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE_XYZ)))
@@ -436,12 +448,17 @@ class TwinTaskEnv(BaseEnv):
         opening = self.agent.robot.get_qpos()[:, -2:].sum(dim=-1, keepdim=True)
         return torch.cat([tcp.p, q, opening], dim=-1)
 
-    def render_image(self) -> torch.Tensor:
-        """[B, H, W, 3] uint8 image of the fixed third-person camera (renders now)."""
+    def render_views(self, front_only: bool = False) -> dict:
+        """{"image": [B, H, W, 3] uint8 of the fixed third-person camera, and with the wrist camera
+        "wrist_image", the same of the hand camera} (renders now; front_only: the first alone)."""
         self.scene.update_render(update_sensors=True, update_human_render_cameras=False)
-        camera = self.scene.sensors["front"]
-        camera.capture()
-        return camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
+        views = {}
+        for key, name in (("image", "front"), ("wrist_image", "wrist")):
+            if name in self.scene.sensors and (key == "image" or not front_only):
+                camera = self.scene.sensors[name]
+                camera.capture()
+                views[key] = camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
+        return views
 
     # ---- rewards ----------------------------------------------------------------------------
     def compute_sparse_reward(self, obs, action, info):
@@ -1034,10 +1051,10 @@ class LocalEnvs:
     scene per env); on the GPU backend all of them are one batched physx_cuda env."""
 
     def __init__(self, task, domain, variant, num_envs, image_size, sim_backend, reward_mode, max_episode_steps,
-                 first_seeds, seed_stride, gap=None):
+                 first_seeds, seed_stride, gap=None, wrist_camera=False):
         env_cls = TASK_CLASSES[task]
         kwargs = dict(domain=domain, variant=variant, image_size=image_size, reward_mode=REWARD_MODES[reward_mode],
-                      gap=gap)
+                      gap=gap, wrist_camera=wrist_camera)
         if sim_backend == "gpu":
             self.envs = [env_cls(num_envs=num_envs, sim_backend="physx_cuda", **kwargs)]
             self.rows = [np.arange(num_envs)]  # rows of the batch that each ManiSkill env holds
@@ -1045,6 +1062,7 @@ class LocalEnvs:
             self.envs = [env_cls(num_envs=1, sim_backend="physx_cpu", **kwargs) for _ in range(num_envs)]
             self.rows = [np.array([i]) for i in range(num_envs)]
         self.num_envs, self.image_size = num_envs, image_size
+        self.view_keys = ("image", "wrist_image") if wrist_camera else ("image",)  # the obs keys of the cameras
         self.max_episode_steps, self.seed_stride = max_episode_steps, seed_stride
         self.seeds = np.asarray(first_seeds, dtype=np.int64)  # seed of each sub-env's current episode
         self.next_seeds = self.seeds.copy()
@@ -1054,22 +1072,31 @@ class LocalEnvs:
     def states(self) -> np.ndarray:
         return np.concatenate([env.robot_state().cpu().numpy() for env in self.envs]).astype(np.float32)
 
-    def images(self, rows=None) -> np.ndarray:
-        """Camera images of the given rows (all by default); the other rows stay zero."""
+    def views(self, rows=None, front_only: bool = False) -> dict:
+        """{obs key: camera images [B, H, W, 3]} of the given rows (all by default); the other rows
+        stay zero. front_only: the fixed camera's "image" alone (videos)."""
         wanted = np.zeros(self.num_envs, bool)
         wanted[np.arange(self.num_envs) if rows is None else np.asarray(rows)] = True
-        out = np.zeros((self.num_envs, self.image_size, self.image_size, 3), np.uint8)
+        keys = self.view_keys[:1] if front_only else self.view_keys
+        out = {key: np.zeros((self.num_envs, self.image_size, self.image_size, 3), np.uint8) for key in keys}
         for env, env_rows in zip(self.envs, self.rows):
             if wanted[env_rows].any():  # a batched GPU env renders all its rows at once
-                out[env_rows] = env.render_image().cpu().numpy()
-        out[~wanted] = 0
+                for key, image in env.render_views(front_only).items():
+                    out[key][env_rows] = image.cpu().numpy()
+        for image in out.values():
+            image[~wanted] = 0
         return out
+
+    def images(self, rows=None) -> np.ndarray:
+        """The fixed camera's images of the given rows (all by default); the other rows stay zero."""
+        return self.views(rows, front_only=True)["image"]
 
     def instructions(self) -> list[str]:
         return [text for env in self.envs for text in env.instructions]
 
     def observation(self, render: bool) -> dict:
-        return {"image": self.images() if render else None, "state": self.states(), "instruction": self.instructions()}
+        views = self.views() if render else dict.fromkeys(self.view_keys)
+        return {**views, "state": self.states(), "instruction": self.instructions()}
 
     # ---- episodes ----
     def reset_rows(self, rows, seeds):
@@ -1113,15 +1140,20 @@ class LocalEnvs:
         info = {"success": success, "elapsed_steps": self.elapsed.copy(), "seed": self.seeds.copy()}
         if auto_reset:
             done = np.flatnonzero(terminated | truncated)
-            final_obs = {"image": np.zeros((self.num_envs, self.image_size, self.image_size, 3), np.uint8),
+            final_obs = {**{key: np.zeros((self.num_envs, self.image_size, self.image_size, 3), np.uint8)
+                            for key in self.view_keys},
                          "state": obs["state"].copy(), "instruction": list(obs["instruction"])}
             if len(done):
-                final_obs["image"][done] = obs["image"][done] if render else self.images(done)[done]
+                last = obs if render else self.views(done)
+                for key in self.view_keys:
+                    final_obs[key][done] = last[key][done]
                 self.reset_rows(list(done), self.next_seeds[done])
                 obs["state"][done] = self.states()[done]
                 obs["instruction"] = self.instructions()
                 if render:
-                    obs["image"][done] = self.images(done)[done]
+                    first = self.views(done)
+                    for key in self.view_keys:
+                        obs[key][done] = first[key][done]
             info["final_obs"], info["final_success"] = final_obs, success.copy()
         return obs, reward, terminated, truncated, info
 
@@ -1167,9 +1199,9 @@ def _worker_main(conn, local_kwargs: dict):
 
 
 def _concat_obs(parts: list[dict]) -> dict:
-    images = [p["image"] for p in parts]
-    return {"image": None if images[0] is None else np.concatenate(images),
-            "state": np.concatenate([p["state"] for p in parts]),
+    views = {key: None if parts[0][key] is None else np.concatenate([p[key] for p in parts])
+             for key in parts[0] if key not in ("state", "instruction")}
+    return {**views, "state": np.concatenate([p["state"] for p in parts]),
             "instruction": [text for p in parts for text in p["instruction"]]}
 
 
@@ -1178,7 +1210,7 @@ class TwinVecEnv:
 
     reset(seed) -> (obs, info); step(action [B, 7], render=True) -> (obs, reward, terminated,
     truncated, info). obs = {"image": uint8 [B, H, W, 3] or None, "state": float32 [B, 8],
-    "instruction": list[str]}. terminated = the episode reached success (it ends there);
+    "instruction": list[str]}, and with wrist_camera "wrist_image" (as "image", of the hand camera). terminated = the episode reached success (it ends there);
     truncated = the time limit was reached without success. info always has "success" (bool [B]),
     "elapsed_steps" and "seed" (the seed of the episode this step belonged to). With auto_reset=True a finished
     sub-env starts its next episode at once, on its next training seed (its seed + num_envs), and
@@ -1190,10 +1222,11 @@ class TwinVecEnv:
     state_dim = 8
 
     def __init__(self, task, domain, variant, num_envs, image_size, sim_backend, seed, reward_mode,
-                 max_episode_steps, auto_reset, num_workers, gap=None):
+                 max_episode_steps, auto_reset, num_workers, gap=None, wrist_camera=False):
         self.task, self.domain, self.variant = task, domain, variant
         self.gap = (0.0 if domain == "sim" else 1.0) if gap is None else float(gap)  # see make_env
         self.num_envs, self.image_size, self.sim_backend = num_envs, image_size, sim_backend
+        self.wrist_camera = bool(wrist_camera)
         self.reward_mode, self.auto_reset = reward_mode, auto_reset
         self.control_freq = CONTROL_FREQ
         self.max_episode_steps = max_episode_steps
@@ -1201,7 +1234,8 @@ class TwinVecEnv:
             seed = int(np.random.default_rng().integers(EVAL_SEED_START - num_envs))
         first_seeds = seed + np.arange(num_envs)
         common = dict(task=task, domain=domain, variant=variant, image_size=image_size, sim_backend=sim_backend,
-                      reward_mode=reward_mode, max_episode_steps=max_episode_steps, seed_stride=num_envs, gap=gap)
+                      reward_mode=reward_mode, max_episode_steps=max_episode_steps, seed_stride=num_envs, gap=gap,
+                      wrist_camera=self.wrist_camera)
         self._local, self._workers = None, []
         if num_workers == 0:
             self._local = LocalEnvs(num_envs=num_envs, first_seeds=first_seeds, **common)
@@ -1276,8 +1310,8 @@ class TwinVecEnv:
         return np.concatenate(self._call("dense_reward", [()] * len(self._workers)))
 
     def step(self, action: np.ndarray, render: bool = True):
-        """One control step for every sub-env. render=False skips the camera (obs["image"] is None):
-        use it for all but the last action of a chunk."""
+        """One control step for every sub-env. render=False skips the cameras (obs["image"] and
+        obs["wrist_image"] are None): use it for all but the last action of a chunk."""
         action = np.asarray(action, dtype=np.float32)
         if action.shape != (self.num_envs, self.action_dim):
             raise ValueError(f"action must have shape ({self.num_envs}, {self.action_dim}), got {action.shape}")
@@ -1299,10 +1333,18 @@ class TwinVecEnv:
         return np.concatenate(self._call("expert_action", [()] * len(self._workers)))
 
     def render_frame(self) -> np.ndarray:
-        """[B, H, W, 3] uint8 camera images of the current states (e.g. for videos)."""
+        """[B, H, W, 3] uint8 images of the fixed camera, of the current states (e.g. for videos)."""
         if self._local is not None:
             return self._local.images()
         return np.concatenate(self._call("images", [()] * len(self._workers)))
+
+    def render_views(self) -> dict:
+        """Every camera's images of the current states, under their obs keys ("image", and
+        "wrist_image" with the wrist camera): what a step with render=False left out."""
+        if self._local is not None:
+            return self._local.views()
+        parts = self._call("views", [()] * len(self._workers))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
     def privileged_state(self) -> dict:
         """Simulator state no policy sees, for tests and debugging: "robot_qpos" [B, 9] and
@@ -1344,7 +1386,7 @@ class TwinVecEnv:
 def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", num_envs: int = 1,
              image_size: int = 128, sim_backend: str = "cpu", seed: int | None = None, reward_mode: str = "dense",
              max_episode_steps: int | None = None, auto_reset: bool = False,
-             num_workers: int | None = None, gap: float | None = None) -> TwinVecEnv:
+             num_workers: int | None = None, gap: float | None = None, wrist_camera: bool = False) -> TwinVecEnv:
     """Build a batch of `num_envs` sub-envs of one twin task.
 
     task: one of TASKS; domain: "sim" (the twin RL trains in) or "proxy_real" (the stand-in for the
@@ -1358,6 +1400,8 @@ def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", n
     gap: (proxy_real only) how far from the twin, in [0, 1]: every domain parameter and object
     colour is interpolated between sim (0) and proxy_real (1, the default); flags (textures,
     shadows) switch at 0.5 and the action latency is rounded.
+    wrist_camera: a second camera on the Panda's hand (obs["wrist_image"], image_size square, the
+    same in every domain), for policies that take two views.
     """
     checks = [("task", task, TASKS), ("domain", domain, DOMAINS), ("variant", variant, VARIANTS),
               ("reward_mode", reward_mode, tuple(REWARD_MODES)), ("sim_backend", sim_backend, ("cpu", "gpu"))]
@@ -1383,7 +1427,7 @@ def make_env(task: str, domain: str = "sim", variant: str = "in_distribution", n
     if not 0 <= num_workers <= num_envs:
         raise ValueError(f"num_workers must be in [0, num_envs={num_envs}], got {num_workers}")
     return TwinVecEnv(task, domain, variant, num_envs, image_size, sim_backend, seed, reward_mode,
-                      max_episode_steps, auto_reset, num_workers, gap)
+                      max_episode_steps, auto_reset, num_workers, gap, wrist_camera)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1449,8 +1493,8 @@ def evaluate_success(env: TwinVecEnv, act_fn, seeds: list[int], exec_horizon: in
                             videos[batch[i]].append(frame[i])
                 if done.all():
                     break
-            if obs["image"] is None and not done.all():
-                obs = {**obs, "image": env.render_frame()}
+            if obs["image"] is None and not done.all():  # an episode ended mid-chunk: render the others
+                obs = {**obs, **env.render_views()}
             decision += 1
         records += [{"seed": batch[i], "success": bool(success[i]), "steps": int(steps[i])} for i in range(n)]
         if progress is not None:

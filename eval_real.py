@@ -190,24 +190,25 @@ def proxy(args: ProxyArgs) -> dict:
     seeds = envs.eval_seeds(args.episodes)
     records, t0 = [], time.time()
     for task in args.task:
-        task_envs = {}  # (variant, image size) -> env, shared by the checkpoints: building one takes seconds
+        task_envs = {}  # (variant, image size, wrist camera) -> env, shared by the checkpoints: building one takes seconds
         try:
             for template, method in zip(args.checkpoint, names):
                 path = template.replace("{task}", task)
                 print(f"[proxy] {method}: {path} on {task}")
                 policy = load_checkpoint(path, args.device)
                 size = camera_size(policy, args.image_size)
+                wrist = "wrist_image" in policy.view_keys
                 for variant in args.variant:
-                    if (variant, size) not in task_envs:
+                    if (variant, size, wrist) not in task_envs:
                         try:
-                            task_envs[variant, size] = envs.make_env(
+                            task_envs[variant, size, wrist] = envs.make_env(
                                 task, domain="proxy_real", variant=variant, num_envs=min(args.num_envs, args.episodes),
                                 image_size=size, sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps,
-                                gap=args.gap)
+                                gap=args.gap, wrist_camera=wrist)
                         except ValueError as e:  # make_env's checks of --image-size etc.
                             raise EvalError(str(e)) from None
                     meta = {"method": method, "checkpoint": path, "task": task, "variant": variant}
-                    records += evaluate_setting(task_envs[variant, size], policy, args, seeds, meta, log,
+                    records += evaluate_setting(task_envs[variant, size, wrist], policy, args, seeds, meta, log,
                                                 Path(args.out_dir) / "videos" / name)
                 del policy
         finally:
@@ -235,8 +236,12 @@ class PolicyServer:
     the seeded generator (policies.eval_act_fn without decision keys); else sampled from it."""
 
     def __init__(self, policy, image_key: str, state_key: str, prompt_key: str,
-                 default_prompt: str | None, deterministic: bool, seed: int, metadata: dict):
+                 default_prompt: str | None, deterministic: bool, seed: int, metadata: dict,
+                 wrist_image_key: str = "observation/wrist_image"):
         self.image_key, self.state_key, self.prompt_key = image_key, state_key, prompt_key
+        # the client keys of the camera views the policy reads, by our obs key
+        self.view_keys = {"image": image_key, "wrist_image": wrist_image_key}
+        self.view_keys = {k: self.view_keys[k] for k in policy.view_keys}
         self.default_prompt, self.metadata = default_prompt, metadata
         self.state_dim = policy.state_dim
         import policies
@@ -254,16 +259,18 @@ class PolicyServer:
         """A client's observation dict -> our batched obs dict (B = 1)."""
         if not isinstance(msg, dict):
             raise EvalError(f"expected a msgpack map (dict), got {type(msg).__name__}")
-        missing = [k for k in (self.image_key, self.state_key) if k not in msg]
+        missing = [k for k in (*self.view_keys.values(), self.state_key) if k not in msg]
         if missing:
             raise EvalError(f"missing key(s) {missing}; got keys {sorted(map(str, msg))} "
-                            f"(map yours with --image-key/--state-key)")
-        image = np.asarray(msg[self.image_key])
-        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.transpose(1, 2, 0)  # CHW -> HWC
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise EvalError(f"{self.image_key!r} must be a uint8 image [H, W, 3], got "
-                            f"{image.dtype} {list(image.shape)}")
+                            f"(map yours with --image-key/--wrist-image-key/--state-key)")
+        views = {}
+        for obs_key, key in self.view_keys.items():
+            image = np.asarray(msg[key])
+            if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+                image = image.transpose(1, 2, 0)  # CHW -> HWC
+            if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+                raise EvalError(f"{key!r} must be a uint8 image [H, W, 3], got {image.dtype} {list(image.shape)}")
+            views[obs_key] = np.ascontiguousarray(image)[None]
         try:
             state = np.asarray(msg[self.state_key], dtype=np.float32).reshape(-1)
         except (TypeError, ValueError) as e:
@@ -276,7 +283,7 @@ class PolicyServer:
             prompt = prompt.decode()
         if not isinstance(prompt, str) or not prompt:
             raise EvalError(f"missing instruction: send {self.prompt_key!r} or start the server with --prompt")
-        return {"image": np.ascontiguousarray(image)[None], "state": state[None], "instruction": [prompt]}
+        return {**views, "state": state[None], "instruction": [prompt]}
 
     def handle(self, ws) -> None:
         from openpi_client import msgpack_numpy
@@ -443,6 +450,8 @@ class ServeArgs:
     """port (0: any free port)"""
     image_key: str = "observation/image"
     """client observation key of the third-person camera image (uint8 [H, W, 3] or [3, H, W])"""
+    wrist_image_key: str = "observation/wrist_image"
+    """client observation key of the wrist camera image (read for a policy with wrist_camera)"""
     state_key: str = "observation/state"
     """client observation key of the robot state (8 floats: tcp xyz, quaternion wxyz, gripper)"""
     prompt_key: str = "prompt"
@@ -474,10 +483,12 @@ def serve(args: ServeArgs) -> None:
                 "task": (policy.config.get("extra") or {}).get("task"), "action_horizon": policy.chunk_size,
                 "exec_horizon": policy.exec_horizon, "action_dim": policy.action_dim, "state_dim": policy.state_dim,
                 "action_space": "end-effector delta pose + gripper (pd_ee_delta_pose), de-normalized",
-                "obs_keys": {"image": args.image_key, "state": args.state_key, "prompt": args.prompt_key},
+                "obs_keys": {"image": args.image_key,
+                             **({"wrist_image": args.wrist_image_key} if "wrist_image" in policy.view_keys else {}),
+                             "state": args.state_key, "prompt": args.prompt_key},
                 "deterministic": args.deterministic, "protocol": policy.protocol(args.deterministic)}
     server = PolicyServer(policy, args.image_key, args.state_key, args.prompt_key, args.prompt,
-                          args.deterministic, args.seed, metadata)
+                          args.deterministic, args.seed, metadata, args.wrist_image_key)
     ws_server = server.start(args.host, args.port, args.max_message_mb)
     port = ws_server.socket.getsockname()[1]
     print(f"[serve] {method} ({metadata['policy']}, horizon {metadata['action_horizon']}) on ws://{args.host}:{port}; "
@@ -540,6 +551,8 @@ class OfflineArgs:
     """LeRobot v3.0 dataset folder of held-out real demos"""
     image_key: str = "observation.images.front"
     """dataset feature holding the camera image"""
+    wrist_image_key: str = "observation.images.wrist"
+    """dataset feature holding the wrist camera's image (read for a policy with wrist_camera)"""
     state_key: str = "observation.state"
     """dataset feature holding the robot state"""
     action_key: str = "action"
@@ -567,6 +580,7 @@ def offline(args: OfflineArgs) -> dict:
     policy = load_checkpoint(args.checkpoint, args.device)
     try:
         ds = demos.LeRobotDataset(args.data, chunk_size=policy.chunk_size, image_key=args.image_key,
+                                  wrist_image_key=args.wrist_image_key if "wrist_image" in policy.view_keys else None,
                                   state_key=args.state_key, action_key=args.action_key)
         demos.check_dims(ds, policy)
     except (OSError, ValueError) as e:

@@ -123,6 +123,9 @@ def _model_defaults(kind: str, size: str) -> dict:
             # dense reward, privileged sim state that obs["potential"] carries in Stage II's
             # rollouts): with potential-based shaping the critic fits V - phi. Set by --critic-potential
             value_potential_input=False,
+            # a second camera view, from the Panda's hand (obs["wrist_image"]; envs' wrist_camera),
+            # embedded like the first and put beside it in the prefix, as openpi's left_wrist_0_rgb
+            wrist_camera=False,
         )
         if size == "tiny":
             # ~2.2M parameters, 16 image tokens, 2-layer Gemma VLM and expert
@@ -320,13 +323,23 @@ class Policy(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config["model"]["dtype"] == "bfloat16")
 
+    @property
+    def view_keys(self) -> tuple:
+        """The obs keys of the camera views the policy reads: the fixed camera, and the wrist camera
+        where the config asks for it (pi0.5 only)."""
+        return ("image", "wrist_image") if self.config["model"].get("wrist_camera") else ("image",)
+
     def _obs(self, obs):
-        image = obs["image"]
+        missing = [key for key in self.view_keys if obs.get(key) is None]
+        if missing:
+            raise ValueError(f"the policy reads the camera views {list(self.view_keys)}, but obs lacks {missing}"
+                             + (" (make the env with wrist_camera=True)" if "wrist_image" in missing else ""))
+        views = [obs[key] for key in self.view_keys]
         state = torch.as_tensor(obs["state"], dtype=torch.float32).to(self.device)
         instructions = [str(s) for s in obs["instruction"]]
         if state.shape != (len(instructions), self.state_dim):
             raise ValueError(f"obs['state'] must be [B, {self.state_dim}], got {tuple(state.shape)}")
-        return image, state, instructions
+        return views, state, instructions
 
     def _encode_left_padded(self, token_lists):
         """Left-pad token id lists -> ids [B, T], mask [B, T] (1 = real token)."""
@@ -576,7 +589,7 @@ class OpenVLAPolicy(Policy):
 
     def sft_loss(self, batch, generator=None):
         """Cross-entropy of the action tokens (full vocabulary, as OpenVLA trains), valid steps only."""
-        image, _, instructions = self._obs(batch)
+        (image,), _, instructions = self._obs(batch)
         H, A = self.chunk_size, self.action_dim
         actions = torch.as_tensor(batch["actions"]).to(self.device, torch.float32)[:, :H]
         tokens = self.actions_to_tokens(self.normalize_actions(actions)).reshape(len(instructions), H * A)
@@ -598,7 +611,7 @@ class OpenVLAPolicy(Policy):
         softmax at config temperature (also for greedy tokens). value: value head on the last hidden
         state just before the first action token (RL4VLA).
         """
-        image, _, instructions = self._obs(obs)
+        (image,), _, instructions = self._obs(obs)
         B, N = len(instructions), self.chunk_size * self.action_dim
         lo, _ = self.action_ids
         embed = self.language_model.get_input_embeddings()
@@ -639,7 +652,7 @@ class OpenVLAPolicy(Policy):
         """Teacher-forced log-prob (same as act's), mean per-token entropy, value; with gradients.
         step_logprob / step_entropy [B, H]: the sum of the log-probs / the mean entropy of the
         A tokens of each chunk step (Stage II masks the steps that were never executed)."""
-        image, _, instructions = self._obs(obs)
+        (image,), _, instructions = self._obs(obs)
         tokens = torch.as_tensor(act_out["action_tokens"]).to(self.device, torch.long)
         B = tokens.shape[0]
         with self._autocast():
@@ -846,11 +859,15 @@ class Pi05Policy(Policy):
         return [PI05_PROMPT.format(instruction=i.strip().replace("_", " ").replace("\n", " "),
                                    state=" ".join(map(str, b))) for i, b in zip(instructions, bins)]
 
-    def _prefix(self, image, state, instructions):
-        """Run PaliGemma on the prefix; returns its per-layer keys/values, mask, length and output."""
+    def _prefix(self, views, state, instructions):
+        """Run PaliGemma on the prefix; returns its per-layer keys/values, mask, length and output.
+        views: the camera images (the fixed camera's, then the wrist camera's where the config has
+        one); each is embedded on its own and their tokens lie side by side (openpi's base_0_rgb,
+        left_wrist_0_rgb)."""
         m = self.config["model"]
-        pixels = _images_to_pixels(image, m["image_size"], self.device) * 2 - 1
+        pixels = torch.cat([_images_to_pixels(image, m["image_size"], self.device) for image in views]) * 2 - 1
         image_tokens = self.vlm.multi_modal_projector(self.vlm.vision_tower(pixel_values=pixels).last_hidden_state)
+        image_tokens = torch.cat(image_tokens.chunk(len(views)), dim=1)  # [B, views x patches, width]
         prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in self._prompts(state, instructions)]
         ids, text_mask = self._encode_left_padded([[m["bos_token_id"]] + p for p in prompts])
         # Gemma's embedding multiplies by sqrt(width); image tokens are not scaled (openpi)
@@ -942,7 +959,7 @@ class Pi05Policy(Policy):
     def sft_loss(self, batch, generator=None):
         """Flow matching (pi0): t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t noise + (1 - t) a,
         MSE(v(x_t, t), noise - a) over the valid chunk steps and action dims."""
-        image, state, instructions = self._obs(batch)
+        views, state, instructions = self._obs(batch)
         H = self.chunk_size
         actions = self.normalize_actions(torch.as_tensor(batch["actions"]).to(self.device, torch.float32)[:, :H])
         step_mask = batch.get("action_mask")
@@ -955,7 +972,7 @@ class Pi05Policy(Policy):
         t = torch.rand(B, generator=generator, device=gen_device).to(self.device) ** (1 / 1.5) * 0.999 + 0.001
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
         with self._autocast():
-            v, _ = self.velocity(self._prefix(image, state, instructions), x_t, t)
+            v, _ = self.velocity(self._prefix(views, state, instructions), x_t, t)
         err = ((v - (noise - actions)) ** 2).mean(-1)
         return (err * step_mask).sum() / step_mask.sum().clamp(min=1)
 
@@ -973,7 +990,7 @@ class Pi05Policy(Policy):
         Returns actions (de-normalised x_K clipped to [-1, 1] first), logprob [B], step_logprob
         [B, H] (its share of each chunk step, summing to logprob), value, chain [B, K+1, H, A]."""
         m = self.config["model"]
-        image, state, instructions = self._obs(obs)
+        views, state, instructions = self._obs(obs)
         B, H, A = len(instructions), self.chunk_size, self.action_dim
         K = m["num_steps"]
         if x0_seeds is not None:
@@ -986,7 +1003,7 @@ class Pi05Policy(Policy):
                              device=generator.device if generator is not None else self.device)
         gen_device = generator.device if generator is not None else self.device
         with self._autocast():
-            prefix = self._prefix(image, state, instructions)
+            prefix = self._prefix(views, state, instructions)
             value = self._value(prefix, state, obs)
             x = x0.to(self.device, torch.float32)
             step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)
@@ -1014,11 +1031,11 @@ class Pi05Policy(Policy):
         step_logprob / step_entropy [B, H]: each chunk step's share (the sum over its A dims of its
         terms, / their number) / its mean entropy over the noisy steps: given x_k, the transitions
         factorise over the chunk steps, so Stage II can mask the steps that were never executed."""
-        image, state, instructions = self._obs(obs)
+        views, state, instructions = self._obs(obs)
         chain = torch.as_tensor(act_out["chain"]).to(self.device, torch.float32)
         B, K = chain.shape[0], chain.shape[1] - 1
         with self._autocast():
-            prefix = self._prefix(image, state, instructions)
+            prefix = self._prefix(views, state, instructions)
             value = self._value(prefix, state, obs)
             x = chain[:, 0]
             step_logprob = _gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)).sum(-1)

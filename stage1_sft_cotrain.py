@@ -61,6 +61,8 @@ class Args:
     """probability that a training sample comes from sim (Eq. 4); 0 = real only, 1 = sim only. The normalization statistics cover both datasets whatever alpha is"""
     image_key: str = demos.IMAGE_KEY
     """dataset feature holding the camera image"""
+    wrist_image_key: str = demos.WRIST_IMAGE_KEY
+    """dataset feature holding the wrist camera's image (read for a policy with wrist_camera; collect_demos.py --wrist-camera)"""
     state_key: str = demos.STATE_KEY
     """dataset feature holding the robot state"""
     action_key: str = demos.ACTION_KEY
@@ -129,8 +131,9 @@ class Args:
     """under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2, one unit per transformer layer) instead of replicating them; for full fine-tuning that does not fit one GPU. Evaluation and checkpoints gather the whole model on process 0, on the CPU"""
 
 
-def open_dataset(path: str, what: str, args: Args, chunk_size: int, required: bool):
-    """The dataset at `path`, or None (with a note) when it is missing and not required."""
+def open_dataset(path: str, what: str, args: Args, chunk_size: int, required: bool, wrist: bool):
+    """The dataset at `path`, or None (with a note) when it is missing and not required. wrist: also
+    read the wrist camera (for a policy with two views)."""
     if not Path(path).exists():
         if not required:
             print(f"note: no {what} dataset at {path}; normalization statistics from the other one only")
@@ -140,9 +143,12 @@ def open_dataset(path: str, what: str, args: Args, chunk_size: int, required: bo
              f"--domain {'sim' if what == 'sim' else 'proxy_real'} --out {path}")
     try:
         ds = demos.LeRobotDataset(path, chunk_size=chunk_size, image_key=args.image_key,
+                                  wrist_image_key=args.wrist_image_key if wrist else None,
                                   state_key=args.state_key, action_key=args.action_key)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        fail(f"cannot read {what} dataset {path}: {e}")
+        fail(f"cannot read {what} dataset {path}: {e}"
+             + ("\n  the policy reads a wrist camera: collect the demos with collect_demos.py --wrist-camera"
+                if wrist and args.wrist_image_key in str(e) else ""))
     if len(ds) == 0:
         fail(f"{what} dataset {path} holds no frames")
     return ds
@@ -204,7 +210,8 @@ def success_rate(policy, args: Args, domain: str, image_size: int, video: Option
     actions, policy.exec_horizon of each chunk executed, camera at the training resolution."""
     seeds = envs.eval_seeds(args.eval_episodes)
     env = envs.make_env(args.task, domain=domain, num_envs=min(args.eval_num_envs, len(seeds)),
-                        image_size=image_size, max_episode_steps=args.eval_max_steps)
+                        image_size=image_size, max_episode_steps=args.eval_max_steps,
+                        wrist_camera="wrist_image" in policy.view_keys)
     policy.eval()
     try:
         records, videos = envs.evaluate_success(env, policies.eval_act_fn(policy, deterministic=True), seeds,
@@ -300,10 +307,13 @@ def main(args: Args):
         fail(f"{resume_from} holds a {policy.kind} policy, but --policy is {args.policy}")
     chunk_size = args.chunk_size = (policy.chunk_size if policy is not None else
                                     args.chunk_size or policies.default_chunk_size(args.policy))
+    overrides = parse_overrides(args.policy, args.size, args.policy_overrides)
+    wrist = bool((policy.config["model"] if policy is not None else overrides).get("wrist_camera"))
     # both datasets whenever they exist, sampled or not: the statistics (and Stage II's clamping of
     # the real SFT targets to them) must cover the real actions' range even at alpha = 1
-    sim_ds = open_dataset(args.sim_data, "sim", args, chunk_size, required=args.alpha > 0 or sim_given)
-    real_ds = open_dataset(args.real_data, "real", args, chunk_size, required=args.alpha < 1 or real_given)
+    sim_ds = open_dataset(args.sim_data, "sim", args, chunk_size, required=args.alpha > 0 or sim_given, wrist=wrist)
+    real_ds = open_dataset(args.real_data, "real", args, chunk_size, required=args.alpha < 1 or real_given,
+                           wrist=wrist)
     given = [(ds, w) for ds, w in ((sim_ds, args.alpha), (real_ds, 1 - args.alpha)) if ds is not None]
     first = given[0][0]
     for ds, _ in given[1:]:
@@ -322,7 +332,7 @@ def main(args: Args):
             policy = policies.make_policy(args.policy, args.size, args.pretrained, chunk_size=chunk_size,
                                           action_dim=first.action_dim, state_dim=first.state_dim,
                                           instructions=instructions, norm_stats=norm_stats,
-                                          **parse_overrides(args.policy, args.size, args.policy_overrides))
+                                          **overrides)
         except ValueError as e:  # e.g. an override the architecture cannot take
             fail(f"cannot build the {args.policy} policy: {e}")
     torch.manual_seed(args.seed + rank)  # each process its own stream for the loss's noise (pi05)
@@ -449,7 +459,8 @@ def main(args: Args):
         while step < args.total_steps:
             batch, from_sim = mixer.next_batch()
             if args.augment:
-                batch["image"] = demos.augment_images(batch["image"], augment_rng)
+                for key in policy.view_keys:  # each view its own crop and jitter
+                    batch[key] = demos.augment_images(batch[key], augment_rng)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
             for group in optimizer.param_groups:

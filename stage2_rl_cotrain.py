@@ -222,17 +222,18 @@ def newest_stage1_checkpoint(runs_dir: str, task: str) -> Optional[Path]:
     return max(found, key=lambda p: (p / "config.json").stat().st_mtime) if found else None
 
 
-def make_train_envs(args: Args, rank: int, image_size: int):
+def make_train_envs(args: Args, rank: int, image_size: int, wrist_camera: bool):
     """The RL envs: sim domain only; the rollout resets finished sub-envs at chunk boundaries."""
     return envs.make_env(args.task, domain="sim", num_envs=args.num_envs, image_size=image_size,
                          sim_backend=args.sim_backend, seed=envs.train_seed(rank * args.num_envs),
                          reward_mode="sparse" if args.reward == "sparse" else "dense",
-                         max_episode_steps=args.max_episode_steps)
+                         max_episode_steps=args.max_episode_steps, wrist_camera=wrist_camera)
 
 
-def make_eval_env(args: Args, domain: str, image_size: int):
+def make_eval_env(args: Args, domain: str, image_size: int, wrist_camera: bool):
     return envs.make_env(args.task, domain=domain, num_envs=args.eval_num_envs, image_size=image_size,
-                         sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps)
+                         sim_backend=args.sim_backend, max_episode_steps=args.max_episode_steps,
+                         wrist_camera=wrist_camera)
 
 
 @torch.no_grad()
@@ -254,7 +255,8 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
     for t in range(T):
         decision_obs = critic_obs(obs)
         out = policy.act(decision_obs)
-        buf["obs"].append({k: v for k, v in decision_obs.items() if k in ("image", "state", "instruction", "potential")})
+        buf["obs"].append({k: v for k, v in decision_obs.items()
+                           if k in ("image", "wrist_image", "state", "instruction", "potential")})
         buf["act"].append({k: v.cpu() for k, v in out.items() if torch.is_tensor(v) and v.shape[:1] == (B,)})
         buf["values"][t] = out["value"].float().cpu()
         chunk = out["actions"].float().cpu().numpy()[:, :H]
@@ -276,7 +278,7 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
                           "first": bool(first_episode[i])} for i in np.flatnonzero(ended)]
             cut = ended & truncated
             if cut.any():  # time limit: bootstrap from V(the observation it was cut at)
-                final_obs = {**obs, "image": obs["image"] if obs["image"] is not None else env.render_frame()}
+                final_obs = obs if obs["image"] is not None else {**obs, **env.render_views()}
                 v_cut = policy.act(critic_obs(final_obs), deterministic=True)["value"].float().cpu().numpy()
                 buf["bootstrap"][t] = torch.as_tensor(np.where(cut, v_cut, buf["bootstrap"][t].numpy()))
             buf["dones"][t] += torch.as_tensor(ended, dtype=torch.float32)
@@ -296,7 +298,7 @@ def rollout(policy, env, num_steps: int, exec_horizon: int, args: Args, first_se
                 potential[ended_rows] = env.dense_reward()[ended_rows]
             first_episode[ended_rows], ep_return[ended_rows], ep_len[ended_rows] = False, 0.0, 0
         elif obs["image"] is None:
-            obs = {**obs, "image": env.render_frame()}
+            obs = {**obs, **env.render_views()}
     buf["last_value"] = policy.act(critic_obs(obs), deterministic=True)["value"].float().cpu()
     buf["episodes"], buf["live_steps"] = episodes, live_steps
     return buf
@@ -416,7 +418,8 @@ def main(args: Args):
     real_ds = None
     if args.beta > 0:
         try:
-            real_ds = demos.LeRobotDataset(args.real_data, chunk_size=policy.chunk_size)
+            real_ds = demos.LeRobotDataset(args.real_data, chunk_size=policy.chunk_size, wrist_image_key=
+                                           demos.WRIST_IMAGE_KEY if "wrist_image" in policy.view_keys else None)
             demos.check_dims(real_ds, policy)
         except (FileNotFoundError, KeyError, ValueError) as e:
             fail(f"cannot use real dataset {args.real_data}: {e}")
@@ -426,7 +429,8 @@ def main(args: Args):
                      (real_ds.info["features"][demos.IMAGE_KEY]["shape"][0] if real_ds is not None else 128))
 
     # ---- envs (sim only for training) ----------------------------------------------------------------
-    train_env = make_train_envs(args, rank, image_size)
+    wrist_camera = "wrist_image" in policy.view_keys  # a pi0.5 policy with two views
+    train_env = make_train_envs(args, rank, image_size, wrist_camera)
     B, H = train_env.num_envs, args.exec_horizon
     max_steps = args.max_episode_steps or train_env.max_episode_steps
     one_episode = math.ceil(max_steps / H)
@@ -438,7 +442,7 @@ def main(args: Args):
     args.num_minibatches = min(args.num_minibatches, batch_size)
     minibatch_size = batch_size // args.num_minibatches
     args.sft_batch_size = args.sft_batch_size or minibatch_size
-    eval_envs = {d: make_eval_env(args, d, image_size) for d in args.eval_domains} \
+    eval_envs = {d: make_eval_env(args, d, image_size, wrist_camera) for d in args.eval_domains} \
         if is_main and args.eval_episodes > 0 else {}
 
     # ---- optimizers: actor and value head, separate learning rates --------------------------------------
@@ -527,7 +531,8 @@ def main(args: Args):
             b_adv, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), buf["values"].reshape(-1)
             if args.norm_adv:
                 b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
-            b_images = torch.as_tensor(np.stack([o["image"] for o in buf["obs"]])).reshape(-1, image_size, image_size, 3)
+            b_views = {key: torch.as_tensor(np.stack([o[key] for o in buf["obs"]])).reshape(-1, image_size, image_size, 3)
+                       for key in policy.view_keys}
             b_states = torch.as_tensor(np.stack([o["state"] for o in buf["obs"]])).reshape(batch_size, -1)
             b_instructions = [s for o in buf["obs"] for s in o["instruction"]]
             b_potential = (torch.as_tensor(np.stack([o["potential"] for o in buf["obs"]])).reshape(-1)
@@ -537,7 +542,7 @@ def main(args: Args):
             b_mask = buf["step_mask"].reshape(batch_size, -1)  # 1 where a chunk step was executed
 
             def minibatch(idx):
-                obs = {"image": b_images[idx].to(device), "state": b_states[idx].to(device),
+                obs = {**{key: v[idx].to(device) for key, v in b_views.items()}, "state": b_states[idx].to(device),
                        "instruction": [b_instructions[i] for i in idx.tolist()]}
                 if b_potential is not None:
                     obs["potential"] = b_potential[idx]

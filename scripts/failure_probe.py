@@ -78,7 +78,7 @@ def probe(args: Args) -> list[dict]:
     torch.set_num_threads(1)
     use_expert = args.checkpoint == "expert"
     if use_expert:
-        act, horizon, image_size = None, 1, 64
+        act, horizon, image_size, wrist = None, 1, 64, False
     else:
         try:
             policy = policies.load_policy(args.checkpoint)
@@ -86,8 +86,9 @@ def probe(args: Args) -> list[dict]:
             raise SystemExit(str(e))
         act = policies.eval_act_fn(policy, deterministic=True)
         horizon, image_size = policy.exec_horizon, int(policy.config.get("camera_image_size", 64))
+        wrist = "wrist_image" in policy.view_keys
     records = []
-    with envs.make_env(args.task, "sim", num_envs=1, image_size=image_size, num_workers=0) as env:
+    with envs.make_env(args.task, "sim", num_envs=1, image_size=image_size, num_workers=0, wrist_camera=wrist) as env:
         raw = env._local.envs[0]  # one in-process sub-env: its expert phase is readable
         seeds = [envs.train_seed(i) for i in range(args.episodes)] if args.train_states else envs.eval_seeds(args.episodes)
         for k, seed in enumerate(seeds):
@@ -98,7 +99,7 @@ def probe(args: Args) -> list[dict]:
             while not done:
                 if not use_expert:
                     if obs["image"] is None:
-                        obs = {**obs, "image": env.render_frame()}
+                        obs = {**obs, **env.render_views()}
                     chunk = act(obs, [envs.decision_key(seed, decision)])[0]
                     if decision == 0 and args.task == "push_cube":  # does naming another cube change it?
                         named_colour = obs["instruction"][0].split()[2]

@@ -52,6 +52,8 @@ class Args:
     """sim demos"""
     dart_noise: float = 0.0
     """collect_demos.py's --dart-noise for the sim demos (recorded labels stay the expert's; 0: off); its datasets get their own folder"""
+    wrist_camera: bool = False
+    """pi05 with a second view from a camera on the Panda's hand (collect_demos.py --wrist-camera, --policy-overrides wrist_camera true); its datasets get their own folders"""
     real_episodes: int = 20
     """proxy_real demos (normalization statistics only at alpha = 1)"""
     image_size: int = 64
@@ -77,9 +79,13 @@ def main(args: Args):
         dart = ["--dart-noise", str(args.dart_noise)] if args.dart_noise else []
         if dart:
             data["sim"] = data["sim"].with_name(f"{data['sim'].name}_dart{args.dart_noise:g}")
+        if args.wrist_camera:
+            data = {d: path.with_name(f"{path.name}_wrist") for d, path in data.items()}
         for domain, n in counts.items():
             run([py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
-                 "--out", str(data[domain]), "--image-size", str(args.image_size), *(dart if domain == "sim" else [])])
+                 "--out", str(data[domain]), "--image-size", str(args.image_size), *(dart if domain == "sim" else []),
+                 *(["--wrist-camera"] if args.wrist_camera else [])])
+        overrides = [*args.policy_overrides, *(["wrist_camera", "true"] if args.wrist_camera else [])]
         per_seed, walls, protocol = [], [], None
         for seed in args.seeds:
             name = f"{task}_{args.policy}_{args.attempt}_s{seed}"
@@ -94,7 +100,7 @@ def main(args: Args):
                             "--eval-every", "0", "--eval-domains", "sim",
                             "--eval-episodes", str(args.episodes), "--eval-num-envs", "2", "--no-save-video",
                             "--seed", str(seed), "--runs-dir", str(ROOT / args.runs_dir), "--run-name", name,
-                            *(["--policy-overrides", *args.policy_overrides] if args.policy_overrides else []),
+                            *(["--policy-overrides", *overrides] if overrides else []),
                             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []),
                             *([] if args.augment else ["--no-augment"]),
                             *(["--start-frames", str(args.start_frames), "--start-weight", str(args.start_weight)]
@@ -109,7 +115,7 @@ def main(args: Args):
                "sim_success_pct": sum(per_seed) / len(per_seed), "per_seed_pct": per_seed,
                "attempt": args.attempt, "policy_overrides": args.policy_overrides, "batch_size": args.batch_size,
                "lr": args.lr, "ema_decay": args.ema_decay, "chunk_size": args.chunk_size or None, "sim_episodes": args.sim_episodes,
-               "dart_noise": args.dart_noise,
+               "dart_noise": args.dart_noise, "wrist_camera": args.wrist_camera,
                "start_frames": args.start_frames, "start_weight": args.start_weight,
                "augment": args.augment, "image_size": args.image_size,
                "protocol": protocol, "stage1_wall_s": walls, "criterion_met": sum(per_seed) / len(per_seed) >= 80.0}

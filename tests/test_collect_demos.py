@@ -225,6 +225,29 @@ def test_dart_executes_perturbed_motion_and_records_the_expert(tmp_path, monkeyp
         collect_demos.resolve_defaults(collect_demos.Args(domain="proxy_real", dart_noise=0.1))
 
 
+def test_wrist_camera_records_both_views_frame_by_frame(tmp_path, monkeypatch):
+    class TwoViewEnv(ScriptedEnv):  # the fixed view shows 10 t, the wrist view 200 - 10 t at step t
+        def obs(self):
+            return {**super().obs(), "image": np.full((1, 32, 32, 3), 10 * self.t, np.uint8),
+                    "wrist_image": np.full((1, 32, 32, 3), 200 - 10 * self.t, np.uint8)}
+
+    made = []
+    monkeypatch.setattr(collect_demos.envs, "make_env", lambda *a, **kw: made.append(kw) or TwoViewEnv([0.0] * 7))
+    out = tmp_path / "sim"
+    collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=2, num_envs=1,
+                                          image_size=32, image_format="image", wrist_camera=True))
+    assert made[0]["wrist_camera"] is True
+    ds = demos.LeRobotDataset(out, wrist_image_key=demos.WRIST_IMAGE_KEY)
+    assert len(ds) == 12
+    for i in range(12):  # frame t of an episode holds the views of step t, each in its own feature
+        t = i % 6
+        assert (ds[i]["image"] == 10 * t).all() and (ds[i]["wrist_image"] == 200 - 10 * t).all()
+    assert json.loads((out / collect_demos.PROVENANCE).read_text())["settings"]["wrist_camera"] is True
+    with pytest.raises(SystemExit):  # a one-view collection does not continue a two-view dataset
+        collect_demos.main(collect_demos.Args(task="open_drawer", out=str(out), num_episodes=3, num_envs=1,
+                                              image_size=32, image_format="image"))
+
+
 def test_a_complete_dataset_is_only_read(tmp_path, tiny_data, capsys, monkeypatch):
     """Study jobs that share a dataset run collect_demos.py on it each: a dataset that already holds
     the episodes asked for must come out byte for byte and file for file as it was, with no env made."""

@@ -362,6 +362,157 @@ def test_foreign_dataset_with_episodes_concatenated_in_one_video(tmp_path, cache
 
 
 # ---------------------------------------------------------------------------------------------
+# Two cameras: front and wrist
+# ---------------------------------------------------------------------------------------------
+TWO_CAMERAS = (demos.IMAGE_KEY, demos.WRIST_IMAGE_KEY)
+SMALL = 16
+
+
+def make_two_camera_episode(rng, length):
+    """Dark front frames with a brighter top half and bright wrist frames with a darker left
+    half, both changing colour with the frame number: each frame is told apart from the others
+    after h264 coding, and a swapped or shifted camera shows."""
+    _, states, actions, success = make_episode(rng, length, size=SMALL)
+    front = np.zeros((length, SMALL, SMALL, 3), np.uint8)
+    wrist = np.zeros_like(front)
+    offset = int(rng.integers(0, 50))
+    for t in range(length):
+        k = t + offset
+        front[t] = [(37 * k) % 100, (91 * k) % 100, (53 * k) % 100]
+        front[t, : SMALL // 2] += 60
+        wrist[t] = [250 - 12 * t, 150 + 12 * t, 230 - 6 * t - 10 * (offset % 4)]
+        wrist[t, :, : SMALL // 2] -= 30  # a darker left half
+    return {demos.IMAGE_KEY: front, demos.WRIST_IMAGE_KEY: wrist}, states, actions, success
+
+
+@pytest.fixture(scope="module")
+def two_camera_episodes():
+    rng = np.random.default_rng(5)
+    return [make_two_camera_episode(rng, n) for n in (5, 8, 3)]
+
+
+def write_two_camera_dataset(root, episodes, use_videos):
+    writer = demos.LeRobotWriter(root, fps=10, image_shape=(SMALL, SMALL, 3), use_videos=use_videos,
+                                 camera_keys=TWO_CAMERAS)
+    for k, (images, states, actions, success) in enumerate(episodes):
+        writer.add_episode(images, states, actions, TASKS[k], success=success, seed=k)
+    return writer
+
+
+# cache_mb 0.02 holds 13 frames of both cameras (27 of one), fewer than the dataset's 16, so
+# frames are decoded one by one and each camera's cache is evicted on its own
+@pytest.mark.parametrize("use_videos,cache_mb", [(True, 2048), (True, 0.02), (False, 2048)])
+def test_two_cameras_round_trip(tmp_path, two_camera_episodes, use_videos, cache_mb):
+    root = tmp_path / "ds"
+    write_two_camera_dataset(root, two_camera_episodes, use_videos)
+    ds = demos.LeRobotDataset(root, wrist_image_key=demos.WRIST_IMAGE_KEY, cache_mb=cache_mb)
+    assert ds._whole_episodes == (cache_mb > 1)
+    assert len(ds) == 5 + 8 + 3
+    i = 0
+    for images, states, _, _ in two_camera_episodes:
+        for t in range(len(states)):
+            s = ds[i]
+            np.testing.assert_array_equal(s["state"], states[t])
+            for field, key in (("image", demos.IMAGE_KEY), ("wrist_image", demos.WRIST_IMAGE_KEY)):
+                assert s[field].dtype == np.uint8 and s[field].shape == (SMALL, SMALL, 3)
+                if use_videos:  # lossy h264: close to this frame and closer to it than to any other
+                    errors = np.abs(images[key].astype(int) - s[field].astype(int)).mean(axis=(1, 2, 3))
+                    assert errors[t] < 8.0 and np.argmin(errors) == t, (field, errors)
+                else:
+                    np.testing.assert_array_equal(s[field], images[key][t])
+            i += 1
+    # read in reverse too: with a small cache, each camera decodes its own frames again
+    for i in reversed(range(len(ds))):
+        s = ds[i]
+        assert np.abs(s["wrist_image"].astype(int) - s["image"].astype(int)).mean() > 40
+    cached = sum(len(camera["cache"]) for camera in ds._cameras.values())
+    assert cached * SMALL * SMALL * 3 <= cache_mb * 2**20  # cache_mb is the budget of all cameras
+    # without wrist_image_key the sample has the front camera only
+    assert "wrist_image" not in demos.LeRobotDataset(root)[0]
+
+    batch = demos.collate([ds[0], ds[len(ds) - 1]])
+    assert batch["wrist_image"].dtype == torch.uint8 and batch["wrist_image"].shape == (2, SMALL, SMALL, 3)
+    assert torch.equal(batch["wrist_image"][1], torch.from_numpy(ds[len(ds) - 1]["wrist_image"]))
+    assert torch.equal(batch["image"][0], torch.from_numpy(ds[0]["image"]))
+    with pytest.raises(ValueError, match="wrist_image"):
+        demos.collate([ds[0], demos.LeRobotDataset(root)[0]])
+
+
+@pytest.mark.parametrize("use_videos", [True, False])
+def test_two_cameras_features_stats_and_files(tmp_path, two_camera_episodes, use_videos):
+    root = tmp_path / "ds"
+    write_two_camera_dataset(root, two_camera_episodes, use_videos)
+    info = json.loads((root / "meta/info.json").read_text())
+    cameras = [k for k, v in info["features"].items() if v["dtype"] in ("video", "image")]
+    assert cameras == list(TWO_CAMERAS)  # the front camera first
+    assert info["features"][demos.WRIST_IMAGE_KEY] == info["features"][demos.IMAGE_KEY]
+    assert info["features"][demos.WRIST_IMAGE_KEY]["dtype"] == ("video" if use_videos else "image")
+    assert info["features"][demos.WRIST_IMAGE_KEY]["shape"] == [SMALL, SMALL, 3]
+
+    stats = json.loads((root / "meta/stats.json").read_text())
+    eps = pq.read_table(root / demos.EPISODES_PATH).to_pydict()
+    for key in TWO_CAMERAS:
+        pixels = np.concatenate([e[0][key] for e in two_camera_episodes]).reshape(-1, 3).astype(np.float64) / 255
+        np.testing.assert_allclose(np.asarray(stats[key]["mean"]).reshape(3), pixels.mean(0), rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(stats[key]["std"]).reshape(3), pixels.std(0), rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(stats[key]["max"]).reshape(3), pixels.max(0))
+        assert stats[key]["count"] == [5 + 8 + 3]
+        first = two_camera_episodes[0][0][key].reshape(-1, 3).astype(np.float64) / 255  # per-episode stats
+        np.testing.assert_allclose(np.asarray(eps[f"stats/{key}/mean"][0]).reshape(3), first.mean(0), rtol=1e-9)
+        if use_videos:  # one mp4 per episode and camera, named in the episodes table
+            assert eps[f"videos/{key}/file_index"] == [0, 1, 2]
+            assert eps[f"videos/{key}/to_timestamp"] == pytest.approx([0.5, 0.8, 0.3])
+            assert len(list((root / "videos" / key / "chunk-000").glob("file-*.mp4"))) == 3
+    if not use_videos:  # one PNG column per camera, each an HF Image feature
+        schema = pq.read_schema(root / "data/chunk-000/file-000.parquet")
+        hf = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+        assert hf[demos.IMAGE_KEY] == hf[demos.WRIST_IMAGE_KEY] == {"_type": "Image"}
+        assert not (root / "videos").exists()
+
+
+def test_two_camera_writer_refuses_wrong_images_and_other_cameras(tmp_path, two_camera_episodes, episodes):
+    images, states, actions, _ = two_camera_episodes[0]
+    writer = write_two_camera_dataset(tmp_path / "ds", two_camera_episodes[:1], use_videos=False)
+    with pytest.raises(ValueError, match=r"missing \['observation.images.wrist'\]"):
+        writer.add_episode({demos.IMAGE_KEY: images[demos.IMAGE_KEY]}, states, actions, "t")
+    with pytest.raises(ValueError, match=r"extra \['observation.images.top'\]"):
+        writer.add_episode({**images, "observation.images.top": images[demos.IMAGE_KEY]}, states, actions, "t")
+    with pytest.raises(ValueError, match="pass images as a dict"):
+        writer.add_episode(images[demos.IMAGE_KEY], states, actions, "t")
+    with pytest.raises(ValueError, match="images must be uint8.*'observation.images.wrist'"):
+        writer.add_episode({**images, demos.WRIST_IMAGE_KEY: images[demos.WRIST_IMAGE_KEY][:, :8]},
+                           states, actions, "t")
+    assert writer.num_episodes == 1  # nothing written by the refused calls
+    with pytest.raises(ValueError, match="camera_keys"):
+        demos.LeRobotWriter(tmp_path / "other", fps=10, camera_keys=(demos.IMAGE_KEY, demos.IMAGE_KEY))
+    # a one-camera writer accepts its camera as a dict too
+    one = demos.LeRobotWriter(tmp_path / "one", fps=10, image_shape=(SMALL, SMALL, 3), use_videos=False)
+    one.add_episode({demos.IMAGE_KEY: images[demos.IMAGE_KEY]}, states, actions, "t")
+    np.testing.assert_array_equal(demos.LeRobotDataset(tmp_path / "one")[2]["image"], images[demos.IMAGE_KEY][2])
+    # resuming with other cameras is refused, either way round
+    with pytest.raises(ValueError, match="other settings"):
+        demos.LeRobotWriter(tmp_path / "ds", fps=10, image_shape=(SMALL, SMALL, 3), use_videos=False)
+    with pytest.raises(ValueError, match="other settings"):
+        demos.LeRobotWriter(tmp_path / "one", fps=10, image_shape=(SMALL, SMALL, 3), use_videos=False,
+                            camera_keys=TWO_CAMERAS)
+    # the same cameras resume
+    again = demos.LeRobotWriter(tmp_path / "ds", fps=10, image_shape=(SMALL, SMALL, 3), use_videos=False,
+                                camera_keys=TWO_CAMERAS)
+    assert again.num_episodes == 1
+
+
+def test_wrist_image_key_missing_from_the_dataset_is_named(tmp_path, episodes):
+    write_dataset(tmp_path / "ds", episodes[:1], TASKS[:1], use_videos=False)
+    with pytest.raises(ValueError, match="'observation.images.wrist' is not an image or video.*--wrist-image-key"):
+        demos.LeRobotDataset(tmp_path / "ds", wrist_image_key=demos.WRIST_IMAGE_KEY)
+    with pytest.raises(ValueError, match="--wrist-image-key"):
+        demos.LeRobotDataset(FIXTURE, wrist_image_key="observation.state")
+    # not read at all without images
+    assert "wrist_image" not in demos.LeRobotDataset(tmp_path / "ds", wrist_image_key=demos.WRIST_IMAGE_KEY,
+                                                     load_images=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Writer: refusal, resume, crash safety
 # ---------------------------------------------------------------------------------------------
 def test_writer_refuses_a_folder_holding_something_else(tmp_path, episodes):

@@ -3,6 +3,7 @@ stepping without rendering, auto-reset and the worker-process batch."""
 
 import numpy as np
 import pytest
+import torch
 
 import envs
 
@@ -284,6 +285,45 @@ def test_auto_reset_returns_rendered_final_observation():
             np.testing.assert_allclose(env.privileged_state()["sim_state"], fresh.privileged_state()["sim_state"],
                                        atol=1e-6)
         assert np.abs(final["state"] - obs["state"]).max() > 0.05
+
+
+def test_wrist_camera_rides_on_the_hand_looking_along_the_fingers():
+    from mani_skill.utils.geometry.rotation_conversions import quaternion_apply
+    with envs.make_env("pick_and_place", image_size=IMAGE, wrist_camera=True, num_workers=0) as env:
+        obs, _ = env.reset(seed=5)
+        raw = env._local.envs[0]
+        camera = raw.scene.sensors["wrist"].camera
+        forward = quaternion_apply(camera.global_pose.q, torch.tensor([1.0, 0.0, 0.0]))  # a camera looks along +x
+        fingers = quaternion_apply(raw.agent.tcp_pose.q, torch.tensor([0.0, 0.0, 1.0]))
+        assert torch.allclose(forward, fingers, atol=1e-3) and forward[0, 2] < -0.99  # straight down at home
+        start_camera, start_tcp = camera.global_pose.p.clone(), raw.agent.tcp_pose.p.clone()
+        action = np.array([[1.0, 0, 0, 0, 0, 0, 1.0]], np.float32)  # 10 cm/step forward, gripper open
+        for _ in range(3):
+            obs, *_ = env.step(action, render=True)
+        moved_camera, moved_tcp = camera.global_pose.p - start_camera, raw.agent.tcp_pose.p - start_tcp
+        assert moved_tcp[0, 0] > 0.1 and torch.allclose(moved_camera, moved_tcp, atol=2e-3)  # it rides on the hand
+        assert obs["wrist_image"].std() > 5 and np.abs(obs["wrist_image"].astype(int) - obs["image"]).mean() > 20
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_wrist_image_comes_with_every_rendered_observation(num_workers):
+    with envs.make_env("push_cube", num_envs=2, image_size=IMAGE, wrist_camera=True, auto_reset=True,
+                       max_episode_steps=2, num_workers=num_workers) as env, \
+            envs.make_env("push_cube", num_envs=2, image_size=IMAGE, num_workers=num_workers) as plain:
+        obs, _ = env.reset(seed=5)
+        assert obs["wrist_image"].shape == (2, IMAGE, IMAGE, 3) and obs["wrist_image"].std() > 5
+        assert "wrist_image" not in plain.reset(seed=5)[0]  # only where asked for
+        np.testing.assert_array_equal(obs["image"], plain.render_frame())  # the fixed view is unchanged
+        hold = np.tile(np.asarray(envs.HOLD_ACTION, np.float32), (2, 1))
+        obs, _, _, truncated, info = env.step(hold, render=False)
+        assert obs["image"] is None and obs["wrist_image"] is None  # inside a chunk no camera renders
+        views = env.render_views()
+        assert set(views) == {"image", "wrist_image"}
+        np.testing.assert_array_equal(views["image"], env.render_frame())
+        obs, _, _, truncated, info = env.step(hold, render=False)  # the time limit: auto-reset
+        assert truncated.all()
+        np.testing.assert_array_equal(info["final_obs"]["wrist_image"], views["wrist_image"])  # held still
+        assert obs["wrist_image"] is None
 
 
 @pytest.mark.e2e

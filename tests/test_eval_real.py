@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -313,6 +314,28 @@ def test_server_sampling_replays_per_episode_and_maps_keys(tiny_ckpts):
     np.testing.assert_array_equal(runs[0], runs[1])
     np.testing.assert_array_equal(runs[0], local)
     assert len({a.tobytes() for a in runs[0]}) > 1  # actions actually vary with the observation
+
+
+def test_server_gives_a_two_view_policy_the_wrist_image(tmp_path):
+    import policies
+
+    torch.manual_seed(0)
+    policy = policies.make_policy("pi05", instructions=["open the drawer"], wrist_camera=True)
+    srv = eval_real.PolicyServer(policy, "observation/image", "observation/state", "prompt", "open the drawer",
+                                 deterministic=True, seed=0, metadata={})
+    rng = np.random.default_rng(2)
+    msg = {"observation/image": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+           "observation/wrist_image": rng.integers(0, 256, (3, 48, 48), dtype=np.uint8),  # CHW too
+           "observation/state": rng.normal(size=8)}
+    obs = srv.to_obs(msg)
+    np.testing.assert_array_equal(obs["wrist_image"][0], msg["observation/wrist_image"].transpose(1, 2, 0))
+    np.testing.assert_array_equal(obs["image"][0], msg["observation/image"])
+    with pytest.raises(eval_real.EvalError, match="observation/wrist_image"):
+        srv.to_obs({k: v for k, v in msg.items() if k != "observation/wrist_image"})
+    one_view = eval_real.PolicyServer(policies.make_policy("pi05", instructions=["open the drawer"]),
+                                      "observation/image", "observation/state", "prompt", "open the drawer",
+                                      deterministic=True, seed=0, metadata={})
+    assert "wrist_image" not in one_view.to_obs(msg)  # a one-view policy neither needs nor gets it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -340,6 +340,44 @@ def test_pi05_without_discrete_state_input_ignores_the_state():
     assert (c - d).abs().max() > 1e-3
 
 
+def test_pi05_wrist_camera_puts_both_views_in_the_prefix_and_reads_the_wrist_image():
+    policy = new_policy("pi05", wrist_camera=True).eval()
+    m = policy.config["model"]
+    patches = (m["image_size"] // m["patch_size"]) ** 2
+    obs = make_obs(2)
+    obs["wrist_image"] = np.random.default_rng(5).integers(0, 256, obs["image"].shape, dtype=np.uint8)
+    state, instructions = torch.as_tensor(obs["state"]), obs["instruction"]
+    with torch.no_grad():
+        two = policy._prefix([obs["image"], obs["wrist_image"]], state, instructions)
+        one = policy._prefix([obs["image"]], state, instructions)
+    assert two["mask"].shape[1] == one["mask"].shape[1] + patches  # a second block of image tokens
+    # each view is embedded on its own: with the wrist view equal to the fixed one, the two blocks
+    # of the first layer's keys are equal (same pixels, same rotary positions are not: values are)
+    with torch.no_grad():
+        same = policy._prefix([obs["image"], obs["image"]], state, instructions)
+    values = same["kv"][0][1]  # [B, kv heads, T, head dim]
+    assert torch.allclose(values[:, :, :patches], values[:, :, patches:2 * patches], atol=1e-5)
+    # the actions and the SFT loss read the wrist image; a single-view policy ignores it
+    moved = {**obs, "wrist_image": 255 - obs["wrist_image"]}
+    with torch.no_grad():
+        a = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["actions"]
+        b = policy.act(moved, deterministic=True, x0_seeds=[1, 2])["actions"]
+        batch = dict(make_batch(policy, 2), wrist_image=obs["wrist_image"])
+        loss = policy.sft_loss(batch, torch.Generator().manual_seed(0))
+        moved_loss = policy.sft_loss({**batch, "wrist_image": moved["wrist_image"]}, torch.Generator().manual_seed(0))
+    assert (a - b).abs().max() > 1e-3 and abs(loss.item() - moved_loss.item()) > 1e-6
+    policy.config["model"]["wrist_camera"] = False
+    with torch.no_grad():
+        c = policy.act(obs, deterministic=True, x0_seeds=[1, 2])["actions"]
+        d = policy.act(moved, deterministic=True, x0_seeds=[1, 2])["actions"]
+    assert torch.equal(c, d)
+    policy.config["model"]["wrist_camera"] = True
+    with pytest.raises(ValueError, match="wrist_camera=True"):
+        policy.act({k: v for k, v in obs.items() if k != "wrist_image"}, deterministic=True)
+    with pytest.raises(ValueError, match="wrist_camera"):  # OpenVLA stays single-view, as published
+        new_policy("openvla", wrist_camera=True)
+
+
 def test_pi05_critic_state_reads_the_state_in_the_value_only_and_survives_save_and_load(tmp_path):
     # Stage II's --critic-state: a policy without the state gets a critic that reads it
     policy = new_policy("pi05", discrete_state_input=False).eval()

@@ -61,9 +61,11 @@ def test_learnability_passes_its_stage1_options_and_writes_the_row(tmp_path, mon
     learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "plain", "--no-augment",
                                                                       "--ema-decay", "0.999"]))
     learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "dart", "--dart-noise", "0.1"]))
+    learnability.main(learnability.tyro.cli(learnability.Args, args=[*common, "--attempt", "wrist", "--wrist-camera",
+                                                                      "--policy-overrides", "patch_size", "8"]))
     stage1 = [c for c in commands if "stage1_sft_cotrain.py" in c[1]]
-    assert len(stage1) == 3
-    default, plain, dart = stage1
+    assert len(stage1) == 4
+    default, plain, dart, wrist = stage1
     # DART demos: the sim collection gets the noise and a folder of its own, which Stage I trains on
     collect = [c for c in commands if "collect_demos.py" in c[1]]
     sim_dart = [c for c in collect if "--dart-noise" in c]
@@ -79,6 +81,14 @@ def test_learnability_passes_its_stage1_options_and_writes_the_row(tmp_path, mon
     assert rows["plain"]["sim_success_pct"] == pytest.approx(60.0) and rows["plain"]["stage1_wall_s"] == [2.0]
     assert rows["plain"]["criterion_met"] is False
     assert (rows["default"]["dart_noise"], rows["dart"]["dart_noise"]) == (0.0, 0.1)
+    # the wrist camera: both datasets recorded with it, in folders of their own, and the policy told
+    wrist_collect = [c for c in collect if "--wrist-camera" in c]
+    assert sorted(c[c.index("--domain") + 1] for c in wrist_collect) == ["proxy_real", "sim"]
+    assert {c[c.index("--out") + 1] for c in wrist_collect} == {wrist[wrist.index("--sim-data") + 1],
+                                                                wrist[wrist.index("--real-data") + 1]}
+    assert wrist[wrist.index("--sim-data") + 1].endswith("sim_100_wrist")
+    assert wrist[wrist.index("--policy-overrides") + 1:][:4] == ["patch_size", "8", "wrist_camera", "true"]
+    assert "--policy-overrides" not in default and (rows["wrist"]["wrist_camera"], rows["plain"]["wrist_camera"]) == (True, False)
 
 
 def test_rl_gain_quarters_of_the_rollout_success():
@@ -195,7 +205,7 @@ def test_failure_probe_sees_which_cube_the_episode_went_for():
 def stand_in_policy(monkeypatch, failure_probe, fill):
     """Make failure_probe load a stand-in policy: chunks of 4 zero actions that fill(obs, chunk) edits."""
     class StandIn:
-        exec_horizon, config = 4, {"camera_image_size": 64}
+        exec_horizon, config, view_keys = 4, {"camera_image_size": 64}, ("image",)
 
     def act_fn(policy, deterministic):
         def act(obs, keys):

@@ -50,14 +50,18 @@ class BanditEnv:
 
     action_dim, state_dim, control_freq, max_episode_steps = 7, 8, 10, 1
 
-    def __init__(self, num_envs, image_size=IMAGE, domain="sim"):
+    def __init__(self, num_envs, image_size=IMAGE, domain="sim", wrist_camera=False):
         self.num_envs, self.image_size, self.domain = num_envs, image_size, domain
         self.task, self.variant = "open_drawer", "in_distribution"
+        self.wrist_camera = wrist_camera  # a second view, "wrist_image", of constant value 50
 
     def _obs(self, render=True):
         B, S = self.num_envs, self.image_size
-        return {"image": np.full((B, S, S, 3), 100, np.uint8) if render else None,
-                "state": np.zeros((B, 8), np.float32), "instruction": [INSTRUCTION] * B}
+        obs = {"image": np.full((B, S, S, 3), 100, np.uint8) if render else None,
+               "state": np.zeros((B, 8), np.float32), "instruction": [INSTRUCTION] * B}
+        if self.wrist_camera:
+            obs["wrist_image"] = np.full((B, S, S, 3), 50, np.uint8) if render else None
+        return obs
 
     def reset(self, seed=None, rows=None):
         return self._obs(), {}
@@ -75,6 +79,9 @@ class BanditEnv:
 
     def render_frame(self):
         return self._obs()["image"]
+
+    def render_views(self):
+        return {k: v for k, v in self._obs().items() if k in ("image", "wrist_image")}
 
     def close(self):
         pass
@@ -140,9 +147,9 @@ class CoinEnv(BanditEnv):
 
 
 def use_bandit(monkeypatch):
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: BanditEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: BanditEnv(args.num_envs, size))
     monkeypatch.setattr(stage2, "make_eval_env",
-                        lambda args, domain, size: BanditEnv(args.eval_num_envs, size, domain))
+                        lambda args, domain, size, wrist: BanditEnv(args.eval_num_envs, size, domain))
 
 
 def stage1_checkpoint(path: Path, kind: str, task="open_drawer", stage="stage1", seed=0, **overrides) -> Path:
@@ -463,7 +470,7 @@ def test_ctrl_c_finishes_the_iteration_saves_it_and_resume_continues_exactly(fil
                 os.kill(os.getpid(), signal.SIGINT)
             return super().step(action, render)
 
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: CtrlCBandit(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: CtrlCBandit(args.num_envs, size))
     interrupted = bandit_args(files, tmp_path, "pi05", iterations=4, run_name="resumed", **small)
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as e:
@@ -499,7 +506,7 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_without_evaluati
                 raise RuntimeError("killed")
             return super().step(action, render)
 
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: KilledBandit(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: KilledBandit(args.num_envs, size))
     killed = bandit_args(files, tmp_path, "pi05", iterations=5, run_name="resumed", **small)
     with pytest.raises(RuntimeError, match="killed"):
         stage2.main(killed)
@@ -618,8 +625,8 @@ def test_critic_potential_feeds_each_decisions_phi_to_the_value_in_rollout_and_u
 
     # in a run, the update's value reads the stored phi: its weight gets a gradient (phi is 0.1-0.9
     # there), and nothing becomes NaN as it would without phi
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ScriptedEnv(args.num_envs, size))
-    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: BanditEnv(args.eval_num_envs, size))
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: ScriptedEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size, wrist: BanditEnv(args.eval_num_envs, size))
     run = bandit_args(files, tmp_path, "pi05", iterations=1, num_envs=3, num_steps=2, reward="shaped",
                       critic_potential=True, critic_warmup_iters=1, eval_episodes=0)
     run.total_env_steps = 16
@@ -652,8 +659,8 @@ def test_critic_potential_feeds_each_decisions_phi_to_the_value_in_rollout_and_u
 
 
 def test_truncation_bootstrap_reaches_the_advantages_in_a_run(files, tmp_path, monkeypatch):
-    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size: ScriptedEnv(args.num_envs, size))
-    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size: BanditEnv(args.eval_num_envs, size))
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: ScriptedEnv(args.num_envs, size))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size, wrist: BanditEnv(args.eval_num_envs, size))
     seen = []
     real_gae = stage2.compute_gae
 
@@ -779,6 +786,36 @@ def test_beta_reaches_the_gradient_and_beta_zero_runs_no_sft(files, tmp_path, mo
     assert row1["losses/grad_norm_actor_sft"] > 0 and row1["losses/grad_norm_actor_ppo"] > 0
 
 
+def test_a_wrist_camera_policy_gets_both_views_in_rollout_update_and_real_sft(files, tmp_path, monkeypatch):
+    # the env's wrist view (value 50) must reach the PPO update beside the fixed one (100), and the
+    # real demos' wrist frames (200) the SFT term; a view left out anywhere stops the run
+    wrists = []
+    monkeypatch.setattr(stage2, "make_train_envs", lambda args, rank, size, wrist: BanditEnv(args.num_envs, size,
+                                                                                            wrist_camera=wrist))
+    monkeypatch.setattr(stage2, "make_eval_env", lambda args, domain, size, wrist: wrists.append(wrist) or
+                        BanditEnv(args.eval_num_envs, size, domain, wrist_camera=wrist))
+    init = stage1_checkpoint(tmp_path / "init_wrist", "pi05", wrist_camera=True, **SMALL["pi05"])
+    real = demos.LeRobotWriter(tmp_path / "real_wrist", fps=10, image_shape=(IMAGE, IMAGE, 3), use_videos=False,
+                               camera_keys=(demos.IMAGE_KEY, demos.WRIST_IMAGE_KEY))
+    for _ in range(2):
+        real.add_episode({demos.IMAGE_KEY: np.full((6, IMAGE, IMAGE, 3), 100, np.uint8),
+                          demos.WRIST_IMAGE_KEY: np.full((6, IMAGE, IMAGE, 3), 200, np.uint8)},
+                         np.zeros((6, 8), np.float32), np.full((6, 7), 0.3, np.float32), task=INSTRUCTION)
+    seen = set()
+    update, sft = policies.Pi05Policy.evaluate, policies.Pi05Policy.sft_loss
+
+    def views_of(obs):
+        return tuple(int(torch.as_tensor(obs[k]).float().mean()) for k in ("image", "wrist_image"))
+
+    monkeypatch.setattr(policies.Pi05Policy, "evaluate",
+                        lambda self, obs, act_out: seen.add(("update", views_of(obs))) or update(self, obs, act_out))
+    monkeypatch.setattr(policies.Pi05Policy, "sft_loss",
+                        lambda self, batch, generator=None: seen.add(("sft", views_of(batch))) or sft(self, batch, generator))
+    stage2.main(bandit_args(files, tmp_path, "pi05", iterations=1, init=str(init), real_data=str(tmp_path / "real_wrist")))
+    assert seen == {("update", (100, 50)), ("sft", (100, 200))}
+    assert wrists and all(wrists)  # the evaluation envs have the wrist camera too
+
+
 # ---------------------------------------------------------------------------------------------
 # Clear errors
 # ---------------------------------------------------------------------------------------------
@@ -874,6 +911,6 @@ def test_short_run_on_open_drawer(tiny_data, tmp_path):
 if __name__ == "__main__":  # one process of the torchrun test: Stage II on the bandit
     import tyro
 
-    stage2.make_train_envs = lambda args, rank, size: BanditEnv(args.num_envs, size)
-    stage2.make_eval_env = lambda args, domain, size: BanditEnv(args.eval_num_envs, size, domain)
+    stage2.make_train_envs = lambda args, rank, size, wrist: BanditEnv(args.num_envs, size)
+    stage2.make_eval_env = lambda args, domain, size, wrist: BanditEnv(args.eval_num_envs, size, domain)
     stage2.main(tyro.cli(stage2.Args))

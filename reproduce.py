@@ -59,14 +59,17 @@ DDOF = 1  # spread over training seeds: the sample std
 # run), the sweeps and the training seeds (every run of every experiment is trained once per seed).
 # cpu: the settings under which scripts/learnability.py met its criterion (close_drawer: 300 sim
 # demos, 3000 Stage I steps; open_drawer with pi0.5: 10,000 steps, no state in the prompt; with
-# OpenVLA: 6000 steps; see stage1_recipe) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes
+# OpenVLA: 6000 steps; pick_and_place with pi0.5: 15,000 steps at peak lr 1e-3, no state, a wrist
+# camera, whose demos are recorded with both cameras; see stage1_recipe) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes
 # on envs.eval_seeds(50), shared by every row.
 SCALES = {
     "cpu": dict(sim_episodes=300, real_episodes=20, stage1_steps=3000, stage1_batch=32,
                 # task -> policy -> Stage I steps and --policy-overrides of every paradigm of that
                 # cell (the same architecture and length for real-only, co-train and sim-only)
                 stage1_recipe={"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
-                                                "openvla": dict(steps=6000)}},
+                                                "openvla": dict(steps=6000)},
+                               "pick_and_place": {"pi05": dict(steps=15_000, lr=1e-3, overrides=[
+                                   "discrete_state_input", "false", "wrist_camera", "true"])}},
                 stage2_env_steps=20_000, stage2_num_envs=4, stage2_eval_episodes=50, stage2_eval_num_envs=2,
                 stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
                 alphas=(0.0, 0.5, 0.95, 1.0), betas=(0.0, 0.1, 1.0), fig7_real=(20, 50, 100),
@@ -151,25 +154,35 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     def gtag(task, gap=None):  # run and dataset names carry the gap where it is not the full proxy_real
         return "" if gap_of(task, gap) == 1.0 else f"_gap{tag(gap_of(task, gap))}"
 
-    def dataset(task, domain, n, gap=None):
+    def recipe_of(task, policy):  # the cell's Stage I recipe (steps, lr, --policy-overrides), {} if none
+        return S.get("stage1_recipe", {}).get(task, {}).get(policy, {})
+
+    def wrist_of(task, policy):  # does the cell's policy read a wrist camera (its demos need one)?
+        overrides = recipe_of(task, policy).get("overrides", [])
+        return dict(zip(overrides[::2], overrides[1::2])).get("wrist_camera") == "true"
+
+    def dataset(task, domain, n, gap=None, wrist=False):
         # the real demos come from the proxy_real domain at the task's gap, as its evaluations do
         gap = gap_of(task, gap) if domain == "proxy_real" else 1.0
-        out = data / task / f"{domain}{gtag(task, gap) if domain == 'proxy_real' else ''}_{n}"
+        out = data / task / (f"{domain}{gtag(task, gap) if domain == 'proxy_real' else ''}_{n}" + ("_wrist" if wrist else ""))
         if str(out) not in steps:
             steps[str(out)] = dict(kind="collect", out=out, n=n, cmd=[
                 py, "collect_demos.py", "--task", task, "--domain", domain, "--num-episodes", str(n),
-                "--out", str(out), "--image-size", str(IMAGE_SIZE), *(["--gap", f"{gap:g}"] if gap != 1.0 else [])])
+                "--out", str(out), "--image-size", str(IMAGE_SIZE), *(["--gap", f"{gap:g}"] if gap != 1.0 else []),
+                *(["--wrist-camera"] if wrist else [])])
         return out
 
     def stage1(task, policy, alpha, n_real, seed, gap=None):
         name = f"s1_{task}_{policy}_a{tag(alpha)}_r{n_real}{gtag(task, gap)}_s{seed}"
         if name not in steps:
             # both datasets, whatever alpha: the normalization statistics cover every dataset given
-            sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"]))]
-            real = ["--real-data", str(dataset(task, "proxy_real", n_real, gap))]
-            recipe = S.get("stage1_recipe", {}).get(task, {}).get(policy, {})
+            wrist = wrist_of(task, policy)
+            sim = ["--sim-data", str(dataset(task, "sim", S["sim_episodes"], wrist=wrist))]
+            real = ["--real-data", str(dataset(task, "proxy_real", n_real, gap, wrist=wrist))]
+            recipe = recipe_of(task, policy)
             total = recipe.get("steps", S["stage1_steps"])
             overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
+            overrides += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
             # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
             # checkpoint; --eval-every still writes resumable checkpoints
             steps[name] = dict(kind="stage1", run=runs / name, cmd=[
@@ -186,7 +199,7 @@ def build_plan(args: Args) -> tuple[dict, dict]:
                 + f"{gtag(task, gap)}_s{seed}")
         if name not in steps:
             # stage2 reads the real dataset even at beta = 0 (its image size); it then adds no gradient
-            real = dataset(task, "proxy_real", n_real, gap)
+            real = dataset(task, "proxy_real", n_real, gap, wrist=wrist_of(task, policy))
             optional = [(flag, S[key]) for flag, key in (("--num-envs", "stage2_num_envs"),
                                                          ("--eval-episodes", "stage2_eval_episodes"),
                                                          ("--eval-num-envs", "stage2_eval_num_envs"),

@@ -78,8 +78,9 @@ def test_plan_runs_everything_once_and_in_dependency_order(tmp_path, scale):
         assert kinds.count("stage1") == 3 * (16 + 4 + 4 + 4 * 2)
         assert kinds.count("stage2") == 3 * (8 + 4 + 1 + 2 + 2 + 4)
         assert kinds.count("eval") == 3 * (24 + 6 + 8 + 2 + 6 + 4 * 3)
-        # sim + real per task, Fig. 7's 50 and 100 demos, the gap sweep's real demos at 4 more gaps
-        assert kinds.count("collect") == 4 * 2 + 2 + 4
+        # sim + real per task, Fig. 7's 50 and 100 demos, the gap sweep's real demos at 4 more gaps,
+        # pick_and_place's sim + real demos with the wrist camera (pi0.5's recipe there)
+        assert kinds.count("collect") == 4 * 2 + 2 + 4 + 2
 
 
 def test_plan_shares_runs_between_experiments(tmp_path):
@@ -445,6 +446,28 @@ def test_stage1_recipe_applies_to_every_paradigm_of_its_cell_only(tmp_path):
     import stage1_sft_cotrain
     assert stage1_sft_cotrain.parse_overrides("pi05", "tiny", dict(zip(recipe["overrides"][::2], recipe["overrides"][1::2]))) \
         == {"discrete_state_input": False}
+
+
+def test_a_wrist_camera_recipe_gets_two_camera_demos_in_both_stages(tmp_path):
+    # pick_and_place with pi0.5 at the cpu scale reads a wrist camera: its Stage I runs (every
+    # paradigm) and RL-Co's Stage II train on demos recorded with it; OpenVLA's cell keeps the
+    # one-camera demos, and the recipe's lr reaches Stage I
+    steps, _ = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1",),
+                                              tasks=("pick_and_place",), policies=("pi05", "openvla")))
+    collect = {str(s["out"]): s["cmd"] for s in steps.values() if s["kind"] == "collect"}
+    stage1 = [s["cmd"] for s in steps.values() if s["kind"] == "stage1"]
+    assert {flag(cmd, "--policy") for cmd in stage1} == {"pi05", "openvla"}
+    for cmd in stage1:
+        wrist = flag(cmd, "--policy") == "pi05"
+        for key in ("--sim-data", "--real-data"):
+            assert ("--wrist-camera" in collect[flag(cmd, key)]) == wrist == flag(cmd, key).endswith("_wrist")
+        assert (flag(cmd, "--lr") == "0.001") == wrist
+        assert ("wrist_camera" in cmd) == wrist
+    stage2 = [s["cmd"] for s in steps.values() if s["kind"] == "stage2"]
+    assert stage2
+    for cmd in stage2:  # each Stage II reads the real demos its init was trained beside
+        init_run = steps[Path(flag(cmd, "--init")).parent.parent.name]["cmd"]
+        assert flag(cmd, "--real-data") == flag(init_run, "--real-data")
 
 
 def test_cpu_scale_ablation_figures_use_a_task_stage1_learns(tmp_path):

@@ -472,7 +472,7 @@ def test_a_wrist_camera_recipe_gets_two_camera_demos_in_both_stages(tmp_path):
 
 def test_cpu_scale_ablation_figures_use_a_task_stage1_learns(tmp_path):
     # Figs. 5 and 6 sit on the scale's ablation task (open_drawer at the cpu scale, where pick_and_place
-    # is not learned); their RL-Co runs are Table I's, their real-only init is Table I's real-only run
+    # was not learned when they ran); their RL-Co runs are Table I's, their real-only init is Table I's real-only run
     S = reproduce.SCALES["cpu"]
     assert S["ablation_task"] == "open_drawer" and reproduce.SCALES["gpu"]["ablation_task"] == "pick_and_place"
     steps, inputs = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1", "fig5", "fig6"),

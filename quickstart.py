@@ -42,7 +42,9 @@ import tyro
 IMAGE_SIZE = 64
 COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "close_drawer": 0.5}
 STAGE1_RECIPE = {"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
-                                 "openvla": dict(steps=6000)}}
+                                 "openvla": dict(steps=6000)},
+                 "pick_and_place": {"pi05": dict(steps=15_000, lr=1e-3, overrides=[
+                     "discrete_state_input", "false", "wrist_camera", "true"])}}
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps and envs, evaluation episodes
 # and envs. The cpu scale is the cpu study's; the ci scale takes a few steps of each stage.
 SCALES = {
@@ -161,6 +163,9 @@ def main(args: Args):
     recipe = STAGE1_RECIPE.get(args.task, {}).get(args.policy, {}) if args.scale == "cpu" else {}
     stage1_steps = recipe.get("steps", scale["stage1_steps"])
     overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
+    overrides += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
+    # a policy with a wrist camera trains on demos recorded with it (the study's `_wrist` folders)
+    wrist = dict(zip(recipe.get("overrides", [])[::2], recipe.get("overrides", [])[1::2])).get("wrist_camera") == "true"
     py = sys.executable
     t_start = time.time()
     gtag = "" if gap == 1.0 else f"_gap{tag(gap)}"
@@ -168,8 +173,8 @@ def main(args: Args):
     # the cpu scale names its datasets as the study does (a quickstart and `make reproduce` share them);
     # the CI's tiny ones are kept apart
     size = {"cpu": (scale["sim_episodes"], scale["real_episodes"]), "ci": ("ci", "ci")}[args.scale]
-    sim_data = Path(args.data_dir) / args.task / f"sim_{size[0]}"
-    real_data = Path(args.data_dir) / args.task / f"proxy_real{gtag}_{size[1]}"
+    sim_data = Path(args.data_dir) / args.task / (f"sim_{size[0]}" + ("_wrist" if wrist else ""))
+    real_data = Path(args.data_dir) / args.task / (f"proxy_real{gtag}_{size[1]}" + ("_wrist" if wrist else ""))
     print(f"quickstart: {args.task}, tiny {args.policy}, scale {args.scale}; alpha {alpha:g}, beta {args.beta:g}, "
           f"proxy_real gap {gap:g}; Stage I {stage1_steps} steps, Stage II {scale['stage2_env_steps']} env steps, "
           f"{scale['eval_episodes']} evaluation episodes", flush=True)
@@ -180,7 +185,8 @@ def main(args: Args):
                            ("proxy_real", real_data, scale["real_episodes"])):
         run([py, "collect_demos.py", "--task", args.task, "--domain", domain, "--num-episodes", str(n),
              "--out", str(out), "--image-size", str(IMAGE_SIZE),
-             *(["--gap", f"{gap:g}"] if domain == "proxy_real" and gap != 1.0 else [])])
+             *(["--gap", f"{gap:g}"] if domain == "proxy_real" and gap != 1.0 else []),
+             *(["--wrist-camera"] if wrist else [])])
 
     # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;
     # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter

@@ -160,6 +160,17 @@ def test_quickstart_runs_the_studys_cell_at_the_task_gap(tmp_path, monkeypatch, 
         assert flag(c, "--total-steps") == str(recipe["steps"])
         assert c[c.index("--policy-overrides") + 1:c.index("--policy-overrides") + 3] == recipe["overrides"]
 
+    # pick_and_place: its recipe's lr and wrist camera, on demos recorded with both cameras
+    plain, groups, summary = fake_quickstart(tmp_path / "pp", monkeypatch, "--task", "pick_and_place")
+    recipe = study["stage1_recipe"]["pick_and_place"]["pi05"]
+    collect_sim, collect_real = plain[:2]
+    assert "--wrist-camera" in collect_sim and "--wrist-camera" in collect_real
+    for c in groups[0]:
+        assert flag(c, "--lr") == f"{recipe['lr']:g}" and flag(c, "--total-steps") == str(recipe["steps"])
+        assert flag(c, "--sim-data") == flag(collect_sim, "--out") and flag(c, "--sim-data").endswith("_wrist")
+        assert flag(c, "--real-data") == flag(collect_real, "--out")
+    assert "--wrist-camera" not in fake_quickstart(tmp_path / "cd0", monkeypatch)[0][0]  # close_drawer: one camera
+
     # close_drawer by default at the gap the study's sweep separates the paradigms most clearly
     plain, groups, summary = fake_quickstart(tmp_path / "cd", monkeypatch)
     assert summary["gap"] == quickstart.SHOWCASE_GAP["close_drawer"] and flag(plain[-1], "--gap") == "0.75"

@@ -215,6 +215,7 @@ def main(args: Args):
     n = args.num_envs
     attempt = next_attempt + np.arange(n)           # attempt of each sub-env's current episode
     frames = [[] for _ in range(n)]                  # ({view: image}, state, action, success) so far
+    cameras = {k: CAMERA_FEATURES[k] for k in view_keys(args)}  # obs key -> dataset feature
 
     def new_noise(a):  # per attempt: the same attempt always gets the same variability
         rng = np.random.default_rng([args.seed, int(a)])
@@ -248,7 +249,7 @@ def main(args: Args):
                 action = np.clip(action, -1.0, 1.0)
             next_obs, _, terminated, truncated, info = env.step(action, render=True)
             for i in range(n):
-                views = {CAMERA_FEATURES[k]: obs[k][i] for k in view_keys(args)}
+                views = {feature: obs[k][i] for k, feature in cameras.items()}
                 frames[i].append((views, obs["state"][i], label[i], info["success"][i]))
                 if not (terminated[i] or truncated[i]):
                     continue

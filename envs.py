@@ -1210,8 +1210,8 @@ class TwinVecEnv:
 
     reset(seed) -> (obs, info); step(action [B, 7], render=True) -> (obs, reward, terminated,
     truncated, info). obs = {"image": uint8 [B, H, W, 3] or None, "state": float32 [B, 8],
-    "instruction": list[str]}, and with wrist_camera "wrist_image" (as "image", of the hand camera). terminated = the episode reached success (it ends there);
-    truncated = the time limit was reached without success. info always has "success" (bool [B]),
+    "instruction": list[str]}, and with wrist_camera "wrist_image" (as "image", of the hand camera).
+    terminated = the episode reached success (it ends there); truncated = the time limit was reached without success. info always has "success" (bool [B]),
     "elapsed_steps" and "seed" (the seed of the episode this step belonged to). With auto_reset=True a finished
     sub-env starts its next episode at once, on its next training seed (its seed + num_envs), and
     info also has "final_obs" (full-batch obs dict with the rendered last observation, valid where

@@ -238,10 +238,10 @@ class PolicyServer:
     def __init__(self, policy, image_key: str, state_key: str, prompt_key: str,
                  default_prompt: str | None, deterministic: bool, seed: int, metadata: dict,
                  wrist_image_key: str = "observation/wrist_image"):
-        self.image_key, self.state_key, self.prompt_key = image_key, state_key, prompt_key
+        self.state_key, self.prompt_key = state_key, prompt_key
         # the client keys of the camera views the policy reads, by our obs key
-        self.view_keys = {"image": image_key, "wrist_image": wrist_image_key}
-        self.view_keys = {k: self.view_keys[k] for k in policy.view_keys}
+        client_keys = {"image": image_key, "wrist_image": wrist_image_key}
+        self.view_keys = {k: client_keys[k] for k in policy.view_keys}
         self.default_prompt, self.metadata = default_prompt, metadata
         self.state_dim = policy.state_dim
         import policies

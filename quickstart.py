@@ -162,10 +162,11 @@ def main(args: Args):
         sys.exit(f"quickstart: --gap and --alpha are numbers in [0, 1] (got gap {gap:g}, alpha {alpha:g})")
     recipe = STAGE1_RECIPE.get(args.task, {}).get(args.policy, {}) if args.scale == "cpu" else {}
     stage1_steps = recipe.get("steps", scale["stage1_steps"])
-    overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
-    overrides += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
+    policy_overrides = recipe.get("overrides", [])  # key value pairs
+    recipe_args = ["--policy-overrides", *policy_overrides] if policy_overrides else []
+    recipe_args += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
     # a policy with a wrist camera trains on demos recorded with it (the study's `_wrist` folders)
-    wrist = dict(zip(recipe.get("overrides", [])[::2], recipe.get("overrides", [])[1::2])).get("wrist_camera") == "true"
+    wrist = dict(zip(policy_overrides[::2], policy_overrides[1::2])).get("wrist_camera") == "true"
     py = sys.executable
     t_start = time.time()
     gtag = "" if gap == 1.0 else f"_gap{tag(gap)}"
@@ -201,7 +202,7 @@ def main(args: Args):
         todo.append((name, [py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
                             "--alpha", f"{a:g}", "--sim-data", str(sim_data), "--real-data", str(real_data),
                             "--total-steps", str(stage1_steps), "--batch-size", str(scale["stage1_batch"]),
-                            *overrides, "--eval-every", str(max(1, stage1_steps // 4)), "--eval-domains",
+                            *recipe_args, "--eval-every", str(max(1, stage1_steps // 4)), "--eval-domains",
                             "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume]))
     if todo:
         run_side_by_side([cmd for _, cmd in todo], [Path(args.runs_dir) / f"{name}.log" for name, _ in todo])

@@ -45,6 +45,7 @@ STAGE1_RECIPE = {"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete
                                  "openvla": dict(steps=6000)},
                  "pick_and_place": {"pi05": dict(steps=15_000, lr=1e-3, overrides=[
                      "discrete_state_input", "false", "wrist_camera", "true"])}}
+RECIPE_FLAGS = ("lr", "start_frames", "start_weight", "ema_decay")  # stage1_sft_cotrain.py's flags of these names
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps and envs, evaluation episodes
 # and envs. The cpu scale is the cpu study's; the ci scale takes a few steps of each stage.
 SCALES = {
@@ -164,7 +165,8 @@ def main(args: Args):
     stage1_steps = recipe.get("steps", scale["stage1_steps"])
     policy_overrides = recipe.get("overrides", [])  # key value pairs
     recipe_args = ["--policy-overrides", *policy_overrides] if policy_overrides else []
-    recipe_args += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
+    for key in RECIPE_FLAGS:  # the recipe's Stage I settings, e.g. lr -> --lr 0.001
+        recipe_args += [f"--{key.replace('_', '-')}", f"{recipe[key]:g}"] if key in recipe else []
     # a policy with a wrist camera trains on demos recorded with it (the study's `_wrist` folders)
     wrist = dict(zip(policy_overrides[::2], policy_overrides[1::2])).get("wrist_camera") == "true"
     py = sys.executable

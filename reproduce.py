@@ -53,6 +53,9 @@ FIG7_TASK = "open_drawer"
 # each proxy_real gap (0 = the sim twin, 1 = the full proxy_real) instead of the calibrated one
 SWEEP_GAPS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DDOF = 1  # spread over training seeds: the sample std
+# the Stage I settings a stage1_recipe may set besides its steps and --policy-overrides (each key is
+# stage1_sft_cotrain.py's flag of that name)
+RECIPE_FLAGS = ("lr", "start_frames", "start_weight", "ema_decay")
 
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps, parallel envs and monitoring
 # (None: the script's preset for tiny policies), evaluation episodes (one noise-free evaluation per
@@ -155,7 +158,7 @@ def build_plan(args: Args) -> tuple[dict, dict]:
     def gtag(task, gap=None):  # run and dataset names carry the gap where it is not the full proxy_real
         return "" if gap_of(task, gap) == 1.0 else f"_gap{tag(gap_of(task, gap))}"
 
-    def recipe_of(task, policy):  # the cell's Stage I recipe (steps, lr, --policy-overrides), {} if none
+    def recipe_of(task, policy):  # the cell's Stage I recipe (steps, --policy-overrides, RECIPE_FLAGS), {} if none
         return S.get("stage1_recipe", {}).get(task, {}).get(policy, {})
 
     def wrist_of(task, policy):  # does the cell's policy read a wrist camera (its demos need one)?
@@ -183,7 +186,8 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             recipe = recipe_of(task, policy)
             total = recipe.get("steps", S["stage1_steps"])
             overrides = ["--policy-overrides", *recipe["overrides"]] if recipe.get("overrides") else []
-            overrides += ["--lr", f"{recipe['lr']:g}"] if "lr" in recipe else []
+            for key in RECIPE_FLAGS:  # the recipe's Stage I settings, e.g. lr -> --lr 0.001
+                overrides += [f"--{key.replace('_', '-')}", f"{recipe[key]:g}"] if key in recipe else []
             # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
             # checkpoint; --eval-every still writes resumable checkpoints
             steps[name] = dict(kind="stage1", run=runs / name, cmd=[

@@ -212,7 +212,7 @@ def test_the_cpu_scale_is_the_cpu_studys():
     import reproduce
     study = reproduce.SCALES["cpu"]
     assert quickstart.SCALES["cpu"] == {k: study[k] for k in quickstart.SCALES["cpu"]}
-    assert quickstart.STAGE1_RECIPE == study["stage1_recipe"]
+    assert quickstart.STAGE1_RECIPE == study["stage1_recipe"] and quickstart.RECIPE_FLAGS == reproduce.RECIPE_FLAGS
     assert quickstart.COTRAIN_ALPHA == reproduce.COTRAIN_ALPHA and quickstart.IMAGE_SIZE == reproduce.IMAGE_SIZE
     assert {t: quickstart.calibrated_gap(t) for t in reproduce.TASKS} == reproduce.calibrated_gaps(
         ROOT / "results/reproduce_cpu")

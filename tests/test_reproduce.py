@@ -448,6 +448,33 @@ def test_stage1_recipe_applies_to_every_paradigm_of_its_cell_only(tmp_path):
         == {"discrete_state_input": False}
 
 
+def test_every_stage1_recipe_setting_reaches_stage1_as_its_flag(tmp_path, monkeypatch):
+    # a recipe may set Stage I's sampling and EMA as well as its lr: each key reaches every Stage I
+    # run of its cell as stage1_sft_cotrain.py's flag of that name, and no other cell gets it
+    import dataclasses
+    import stage1_sft_cotrain
+    fields = {f.name for f in dataclasses.fields(stage1_sft_cotrain.Args)}
+    assert set(reproduce.RECIPE_FLAGS) <= fields
+    recipes = reproduce.SCALES["cpu"]["stage1_recipe"]
+    # the committed recipes use only keys that build_plan turns into flags
+    assert all(set(r) <= {"steps", "overrides", *reproduce.RECIPE_FLAGS} for cell in recipes.values() for r in cell.values())
+    recipe = dict(steps=7, lr=2e-4, start_frames=1, start_weight=25.0, ema_decay=0.999)
+    monkeypatch.setitem(reproduce.SCALES["cpu"], "stage1_recipe", {**recipes, "close_drawer": {"pi05": recipe}})
+    steps, _ = reproduce.build_plan(make_args(tmp_path, scale="cpu", only=("table1",),
+                                              tasks=("close_drawer",), policies=("pi05", "openvla")))
+    stage1 = [s["cmd"] for s in steps.values() if s["kind"] == "stage1"]
+    assert {flag(cmd, "--policy") for cmd in stage1} == {"pi05", "openvla"}
+    for cmd in stage1:
+        ours = flag(cmd, "--policy") == "pi05"
+        got = [flag(cmd, f) for f in ("--total-steps", "--lr", "--start-frames", "--start-weight", "--ema-decay")]
+        if ours:
+            assert got == ["7", "0.0002", "1", "25", "0.999"]
+            args = stage1_sft_cotrain.tyro.cli(stage1_sft_cotrain.Args, args=cmd[2:])
+            assert (args.lr, args.start_frames, args.start_weight, args.ema_decay) == (2e-4, 1, 25.0, 0.999)
+        else:
+            assert got == [str(reproduce.SCALES["cpu"]["stage1_steps"]), None, None, None, None]
+
+
 def test_a_wrist_camera_recipe_gets_two_camera_demos_in_both_stages(tmp_path):
     # pick_and_place with pi0.5 at the cpu scale reads a wrist camera: its Stage I runs (every
     # paradigm) and RL-Co's Stage II train on demos recorded with it; OpenVLA's cell keeps the

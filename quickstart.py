@@ -10,7 +10,8 @@ where the study's gap sweep separates the three paradigms most clearly (SHOWCASE
 other tasks their calibrated gap (results/reproduce_cpu/gap_calibration.json): the table is one
 training seed of the study's cell (gap_sweep.md / table1.md). close_drawer is the task whose whole
 pipeline fits in about 30 minutes here; open_drawer's Stage I recipe (10,000 steps) takes about
-1.5 hours.
+1.5 hours, pick_and_place's (15,000 steps, two cameras) about 2 and push_cube's (30,000 steps, two
+cameras) about 3.
 
 Steps (each is the command a researcher would type; each prints before it runs):
   1. collect_demos.py: sim demos and proxy_real ("real") demos of the task, at the task's gap
@@ -44,6 +45,8 @@ COTRAIN_ALPHA = {"pick_and_place": 0.5, "push_cube": 0.5, "open_drawer": 0.95, "
 STAGE1_RECIPE = {"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
                                  "openvla": dict(steps=6000)},
                  "pick_and_place": {"pi05": dict(steps=15_000, lr=1e-3, overrides=[
+                     "discrete_state_input", "false", "wrist_camera", "true"])},
+                 "push_cube": {"pi05": dict(steps=30_000, start_frames=1, start_weight=25.0, ema_decay=0.999, overrides=[
                      "discrete_state_input", "false", "wrist_camera", "true"])}}
 RECIPE_FLAGS = ("lr", "start_frames", "start_weight", "ema_decay")  # stage1_sft_cotrain.py's flags of these names
 # Per scale: demo counts, Stage I steps and batch, Stage II env steps and envs, evaluation episodes
@@ -192,7 +195,7 @@ def main(args: Args):
              *(["--wrist-camera"] if wrist else [])])
 
     # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;
-    # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter
+    # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter (at least every 2500 steps)
     stage1_runs, todo = {}, []
     for label, a in (("real_only", 0.0), ("sft_cotrain", alpha)):
         name = f"qs_{label_of_run}_{label}" + (f"_a{tag(a)}" if label == "sft_cotrain" else "")
@@ -204,7 +207,7 @@ def main(args: Args):
         todo.append((name, [py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
                             "--alpha", f"{a:g}", "--sim-data", str(sim_data), "--real-data", str(real_data),
                             "--total-steps", str(stage1_steps), "--batch-size", str(scale["stage1_batch"]),
-                            *recipe_args, "--eval-every", str(max(1, stage1_steps // 4)), "--eval-domains",
+                            *recipe_args, "--eval-every", str(max(1, min(stage1_steps // 4, 2500))), "--eval-domains",
                             "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume]))
     if todo:
         run_side_by_side([cmd for _, cmd in todo], [Path(args.runs_dir) / f"{name}.log" for name, _ in todo])

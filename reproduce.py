@@ -63,15 +63,19 @@ RECIPE_FLAGS = ("lr", "start_frames", "start_weight", "ema_decay")
 # cpu: the settings under which scripts/learnability.py met its criterion (close_drawer: 300 sim
 # demos, 3000 Stage I steps; open_drawer with pi0.5: 10,000 steps, no state in the prompt; with
 # OpenVLA: 6000 steps; pick_and_place with pi0.5: 15,000 steps at peak lr 1e-3, no state, a wrist
-# camera, whose demos are recorded with both cameras; see stage1_recipe) and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes
-# on envs.eval_seeds(50), shared by every row.
+# camera, whose demos are recorded with both cameras; push_cube with pi0.5: 30,000 steps, no state,
+# the wrist camera, each episode's first frame drawn 25 times as often, EMA 0.999; see stage1_recipe)
+# and scripts/rl_gain.py's Stage II (20k env steps, 4 envs); 50 evaluation episodes on
+# envs.eval_seeds(50), shared by every row.
 SCALES = {
     "cpu": dict(sim_episodes=300, real_episodes=20, stage1_steps=3000, stage1_batch=32,
-                # task -> policy -> Stage I steps and --policy-overrides of every paradigm of that
-                # cell (the same architecture and length for real-only, co-train and sim-only)
+                # task -> policy -> Stage I steps, --policy-overrides and RECIPE_FLAGS settings of every
+                # paradigm of that cell (the same architecture and training for real-only, co-train and sim-only)
                 stage1_recipe={"open_drawer": {"pi05": dict(steps=10_000, overrides=["discrete_state_input", "false"]),
                                                 "openvla": dict(steps=6000)},
                                "pick_and_place": {"pi05": dict(steps=15_000, lr=1e-3, overrides=[
+                                   "discrete_state_input", "false", "wrist_camera", "true"])},
+                               "push_cube": {"pi05": dict(steps=30_000, start_frames=1, start_weight=25.0, ema_decay=0.999, overrides=[
                                    "discrete_state_input", "false", "wrist_camera", "true"])}},
                 stage2_env_steps=20_000, stage2_num_envs=4, stage2_eval_episodes=50, stage2_eval_num_envs=2,
                 stage2_eval_every=50, eval_episodes=50, eval_num_envs=2, sim_backend="cpu", seeds=(1, 2, 3),
@@ -189,11 +193,12 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             for key in RECIPE_FLAGS:  # the recipe's Stage I settings, e.g. lr -> --lr 0.001
                 overrides += [f"--{key.replace('_', '-')}", f"{recipe[key]:g}"] if key in recipe else []
             # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
-            # checkpoint; --eval-every still writes resumable checkpoints
+            # checkpoint; --eval-every still writes resumable checkpoints, every quarter of the run
+            # and at least every 2500 steps (a 30,000-step run takes over an hour here)
             steps[name] = dict(kind="stage1", run=runs / name, cmd=[
                 py, "stage1_sft_cotrain.py", "--task", task, "--policy", policy, "--alpha", f"{alpha:g}", *sim, *real,
                 "--total-steps", str(total), "--batch-size", str(S["stage1_batch"]), *overrides,
-                "--eval-every", str(max(1, total // 4)), "--eval-domains",
+                "--eval-every", str(max(1, min(total // 4, 2500))), "--eval-domains",
                 "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 

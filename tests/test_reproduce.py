@@ -79,8 +79,8 @@ def test_plan_runs_everything_once_and_in_dependency_order(tmp_path, scale):
         assert kinds.count("stage2") == 3 * (8 + 4 + 1 + 2 + 2 + 4)
         assert kinds.count("eval") == 3 * (24 + 6 + 8 + 2 + 6 + 4 * 3)
         # sim + real per task, Fig. 7's 50 and 100 demos, the gap sweep's real demos at 4 more gaps,
-        # pick_and_place's sim + real demos with the wrist camera (pi0.5's recipe there)
-        assert kinds.count("collect") == 4 * 2 + 2 + 4 + 2
+        # pick_and_place's and push_cube's sim + real demos with the wrist camera (pi0.5's recipe there)
+        assert kinds.count("collect") == 4 * 2 + 2 + 4 + 2 * 2
 
 
 def test_plan_shares_runs_between_experiments(tmp_path):
@@ -467,6 +467,8 @@ def test_every_stage1_recipe_setting_reaches_stage1_as_its_flag(tmp_path, monkey
     for cmd in stage1:
         ours = flag(cmd, "--policy") == "pi05"
         got = [flag(cmd, f) for f in ("--total-steps", "--lr", "--start-frames", "--start-weight", "--ema-decay")]
+        # resumable checkpoints every quarter, at least every 2500 steps (push_cube's runs take 30,000)
+        assert flag(cmd, "--eval-every") == str(max(1, min(int(got[0]) // 4, 2500)))
         if ours:
             assert got == ["7", "0.0002", "1", "25", "0.999"]
             args = stage1_sft_cotrain.tyro.cli(stage1_sft_cotrain.Args, args=cmd[2:])

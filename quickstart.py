@@ -195,7 +195,7 @@ def main(args: Args):
              *(["--wrist-camera"] if wrist else [])])
 
     # 2.-3. Stage I: real-only SFT (alpha = 0) and SFT co-training (alpha = A, Eq. 4), side by side;
-    # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter (at least every 2500 steps)
+    # no monitoring evaluation (eval_real.py measures the final checkpoints), checkpoints every quarter
     stage1_runs, todo = {}, []
     for label, a in (("real_only", 0.0), ("sft_cotrain", alpha)):
         name = f"qs_{label_of_run}_{label}" + (f"_a{tag(a)}" if label == "sft_cotrain" else "")
@@ -207,7 +207,7 @@ def main(args: Args):
         todo.append((name, [py, "stage1_sft_cotrain.py", "--task", args.task, "--policy", args.policy,
                             "--alpha", f"{a:g}", "--sim-data", str(sim_data), "--real-data", str(real_data),
                             "--total-steps", str(stage1_steps), "--batch-size", str(scale["stage1_batch"]),
-                            *recipe_args, "--eval-every", str(max(1, min(stage1_steps // 4, 2500))), "--eval-domains",
+                            *recipe_args, "--eval-every", str(max(1, stage1_steps // 4)), "--eval-domains",
                             "--seed", str(args.seed), "--runs-dir", args.runs_dir, "--run-name", name, *resume]))
     if todo:
         run_side_by_side([cmd for _, cmd in todo], [Path(args.runs_dir) / f"{name}.log" for name, _ in todo])

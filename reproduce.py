@@ -193,12 +193,11 @@ def build_plan(args: Args) -> tuple[dict, dict]:
             for key in RECIPE_FLAGS:  # the recipe's Stage I settings, e.g. lr -> --lr 0.001
                 overrides += [f"--{key.replace('_', '-')}", f"{recipe[key]:g}"] if key in recipe else []
             # no monitoring evaluation (--eval-domains with nothing): eval_real.py measures the final
-            # checkpoint; --eval-every still writes resumable checkpoints, every quarter of the run
-            # and at least every 2500 steps (a 30,000-step run takes over an hour here)
+            # checkpoint; --eval-every still writes resumable checkpoints
             steps[name] = dict(kind="stage1", run=runs / name, cmd=[
                 py, "stage1_sft_cotrain.py", "--task", task, "--policy", policy, "--alpha", f"{alpha:g}", *sim, *real,
                 "--total-steps", str(total), "--batch-size", str(S["stage1_batch"]), *overrides,
-                "--eval-every", str(max(1, min(total // 4, 2500))), "--eval-domains",
+                "--eval-every", str(max(1, total // 4)), "--eval-domains",
                 "--seed", str(seed), "--runs-dir", str(runs), "--run-name", name])
         return name
 

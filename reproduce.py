@@ -471,12 +471,18 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                                                                                   f"{t} ?" for t, g in gaps.items())
 
     # Table I: rows = policy x paradigm, columns = tasks (+ Avg); mean, std and CI over training seeds,
-    # and paired tests on the shared initial states: RL-Co vs SFT co-train, SFT co-train vs real-only
+    # and paired tests on the shared initial states: RL-Co vs SFT co-train, SFT co-train vs real-only.
+    # A cell not yet evaluated on every one of its training seeds is shown as "-" and named under the
+    # table (never a mean over fewer seeds); so is its row's Avg.
     if inputs.get("table1"):
-        records = [seed_records(evals, i["evals"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
-        if all(r is not None for r in records):
-            records = [x for r in records for x in r]
+        per_cell = [seed_records(evals, i["evals"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
+        missing = [f"{i['policy']}: {i['method']} on {i['task']}" for i, r in zip(inputs["table1"], per_cell) if r is None]
+        if len(missing) < len(per_cell):
+            records = [x for r in per_cell if r is not None for x in r]
             table = summarize(records, ddof=DDOF)
+            table["not_evaluated"] = missing
+            order = list(dict.fromkeys(f"{i['policy']}: {i['method']}" for i in inputs["table1"]))
+            table["rows"].sort(key=lambda row: order.index(row["method"]))  # as planned, whichever cells are in
             policies = dict.fromkeys(i["policy"] for i in inputs["table1"])
             table["comparisons"] = paired_comparisons(records, [
                 pair for p in policies for pair in ((f"{p}: RL-Co", f"{p}: SFT co-train"),
@@ -485,7 +491,8 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
             md = (f"### Table I: proxy_real success (%) by training paradigm{note}\n\n" + to_markdown(table)
                   + f"\nSFT co-train alpha per task: {alphas}; RL-Co: Stage II from the co-train checkpoint, "
                     f"beta={BETA:g}. Repeats are training seeds; {gap_note(records)}.\n\n"
-                  + comparisons_markdown(table["comparisons"]))
+                  + comparisons_markdown(table["comparisons"])
+                  + (f"\nNot yet evaluated on every training seed (shown as -): {'; '.join(missing)}.\n" if missing else ""))
             save("table1", table, md)
     # Table II: pick_and_place, pi0.5, columns = variants with the drop from in_distribution
     if inputs.get("table2"):

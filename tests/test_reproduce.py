@@ -358,14 +358,29 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     for name in reproduce.EXPERIMENTS:
         assert (out / f"{name}.md").read_text() in summary
 
-    # an evaluation that has not finished (eval_real.py writes <key>.json last) counts as missing:
-    # the table that needs it is not written, a figure shows the point as "-"
-    (evals / f"{by('fig7', method='SFT co-train', n_real=3)[1]}.json").unlink()  # one seed missing is missing
-    (evals / f"{by('table1', task='push_cube', policy='OpenVLA', method='RL-Co')[0]}.json").unlink()
+    # an evaluation that has not finished (eval_real.py writes <key>.json last) counts as missing, and
+    # one seed missing is the point missing: Table I and the figures show it as "-" (Table I also its
+    # row's Avg, and names it under the table), never a mean over fewer seeds
+    (evals / f"{by('fig7', method='SFT co-train', n_real=3)[1]}.json").unlink()
+    (evals / f"{by('table1', task='pick_and_place', policy='OpenVLA', method='RL-Co')[1]}.json").unlink()
     out2 = tmp_path / "partial"
     written = reproduce.aggregate(inputs, evals, out2, "ci")
-    assert "table1" not in written and "fig7" in written and not (out2 / "table1.json").exists()
+    assert "table1" in written and "fig7" in written
     assert md_row((out2 / "fig7.md").read_text(), "SFT co-train") == ["SFT co-train", "50.0 +- 0.0", "-"]
+    t1md = (out2 / "table1.md").read_text()
+    assert md_row(t1md, "method") == ["method"] + list(reproduce.TASKS) + ["Avg"]
+    assert no_ci(md_row(t1md, "OpenVLA: RL-Co")[1:]) == ["-", "50.0 +- 0.0", "50.0 +- 0.0", "50.0 +- 0.0", "-"]
+    assert no_ci(md_row(t1md, "pi0.5: RL-Co")[1:]) == no_ci(md_row(md, "pi0.5: RL-Co")[1:])
+    assert "Not yet evaluated on every training seed (shown as -): OpenVLA: RL-Co on pick_and_place." in t1md
+    t1p = json.loads((out2 / "table1.json").read_text())
+    assert t1p["not_evaluated"] == ["OpenVLA: RL-Co on pick_and_place"] and t1["not_evaluated"] == []
+    assert [r["method"] for r in t1p["rows"]] == list(rows)  # the planned row order, whichever cells are in
+    pairs = {(c["a"], c["task"]) for c in t1p["comparisons"]}
+    assert ("OpenVLA: RL-Co", "pick_and_place") not in pairs and ("OpenVLA: RL-Co", "push_cube") in pairs
+    assert ("OpenVLA: SFT co-train", "pick_and_place") in pairs
+    # with no Table I cell evaluated on every seed there is no table
+    written = reproduce.aggregate({"table1": inputs["table1"]}, tmp_path / "no_evals", tmp_path / "empty", "ci")
+    assert "table1" not in written and not (tmp_path / "empty" / "table1.json").exists()
 
 
 def test_report_only_tabulates_finished_evaluations_and_runs_nothing(tmp_path):

@@ -492,7 +492,7 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
                   + f"\nSFT co-train alpha per task: {alphas}; RL-Co: Stage II from the co-train checkpoint, "
                     f"beta={BETA:g}. Repeats are training seeds; {gap_note(records)}.\n\n"
                   + comparisons_markdown(table["comparisons"])
-                  + (f"\nNot yet evaluated on every training seed (shown as -): {'; '.join(missing)}.\n" if missing else ""))
+                  + (f"\nNot evaluated on every training seed (shown as -): {'; '.join(missing)}.\n" if missing else ""))
             save("table1", table, md)
     # Table II: pick_and_place, pi0.5, columns = variants with the drop from in_distribution
     if inputs.get("table2"):

@@ -371,7 +371,7 @@ def test_tables_and_figures_from_synthetic_evaluations(tmp_path):
     assert md_row(t1md, "method") == ["method"] + list(reproduce.TASKS) + ["Avg"]
     assert no_ci(md_row(t1md, "OpenVLA: RL-Co")[1:]) == ["-", "50.0 +- 0.0", "50.0 +- 0.0", "50.0 +- 0.0", "-"]
     assert no_ci(md_row(t1md, "pi0.5: RL-Co")[1:]) == no_ci(md_row(md, "pi0.5: RL-Co")[1:])
-    assert "Not yet evaluated on every training seed (shown as -): OpenVLA: RL-Co on pick_and_place." in t1md
+    assert "Not evaluated on every training seed (shown as -): OpenVLA: RL-Co on pick_and_place." in t1md
     t1p = json.loads((out2 / "table1.json").read_text())
     assert t1p["not_evaluated"] == ["OpenVLA: RL-Co on pick_and_place"] and t1["not_evaluated"] == []
     assert [r["method"] for r in t1p["rows"]] == list(rows)  # the planned row order, whichever cells are in

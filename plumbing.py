@@ -6,6 +6,7 @@ It imports no other project module: a policy is anything with .save(path, extra=
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -108,14 +109,47 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return max(found, key=lambda p: int(p.name)) if found else None
 
 
+_held_locks = {}  # run folder -> the open file whose flock marks it as in use; released when the process ends
+
+
+def lock_run_folder(run_dir: Path):
+    """Marks run_dir as in use by this process (an flock on run_dir/.lock, released by the kernel when
+    the process ends, however it ends), or fails if another process holds it: two processes
+    resuming one run would write the same checkpoints. Under torchrun only rank 0 takes it."""
+    if int(os.environ.get("RANK", "0")) != 0 or run_dir.resolve() in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        fail(f"{run_dir} is in use by {holder}; wait for it to finish, or stop it (Ctrl-C writes a "
+             f"checkpoint) and run again with --resume")
+    except OSError as e:  # a filesystem without locks: run unguarded rather than not at all
+        print(f"warning: cannot lock {run_dir}/.lock ({e}); make sure no other process uses this run")
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _held_locks[run_dir.resolve()] = f
+
+
 def open_run(runs_dir: str, run_name: str, resume: bool) -> tuple[Path, Optional[Path]]:
     """(run folder, checkpoint to resume from or None). A new run must not overwrite an old one;
-    --resume of a run stopped before its first checkpoint starts it again from the beginning."""
+    --resume of a run stopped before its first checkpoint starts it again from the beginning; a run
+    another process is using (lock_run_folder) is refused."""
     run_dir = Path(runs_dir) / run_name
     if not resume:
         if (run_dir / "args.json").exists():
             fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+        lock_run_folder(run_dir)
         return run_dir, None
+    if (run_dir / "args.json").exists():
+        lock_run_folder(run_dir)
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     if resume_from is None and not (run_dir / "args.json").exists():
         fail(f"--resume: no run in {run_dir}")

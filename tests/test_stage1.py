@@ -485,3 +485,30 @@ def test_clear_errors_for_missing_data_and_bad_alpha(tmp_path):
     out = subprocess.run([sys.executable, script, "--task", "fly", "--runs-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "unknown task" in out.stderr
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_until_that_process_ends(tmp_path):
+    # e.g. a stopped run's `--resume` started again while the first is in fact still running: both
+    # would write the same checkpoints
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text("{}")
+    open_run = "import sys, plumbing; plumbing.open_run(sys.argv[1], sys.argv[2], sys.argv[3] == 'resume')"
+    holder = subprocess.Popen([sys.executable, "-c", open_run + "; print('holding', flush=True); input()",
+                               str(tmp_path), "run", "resume"], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert [holder.stdout.readline() for _ in range(2)][1] == "holding\n"  # after open_run's own line
+        out = subprocess.run([sys.executable, "-c", open_run, str(tmp_path), "run", "resume"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"{tmp_path / 'run'} is in use by process {holder.pid}" in out.stderr
+        # another run beside it is not held up
+        out = subprocess.run([sys.executable, "-c", open_run, str(tmp_path), "other", "new"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, the kernel drops the lock with the process
+        holder.wait()
+    out = subprocess.run([sys.executable, "-c", open_run, str(tmp_path), "run", "resume"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -116,7 +116,8 @@ def lock_run_folder(run_dir: Path):
     """Marks run_dir as in use by this process (an flock on run_dir/.lock, released by the kernel when
     the process ends, however it ends), or fails if another process holds it: two processes
     resuming one run would write the same checkpoints. Under torchrun only rank 0 takes it."""
-    if int(os.environ.get("RANK", "0")) != 0 or run_dir.resolve() in _held_locks:
+    key = run_dir.resolve()
+    if int(os.environ.get("RANK", "0")) != 0 or key in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")
@@ -135,7 +136,7 @@ def lock_run_folder(run_dir: Path):
     f.truncate()
     f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
     f.flush()
-    _held_locks[run_dir.resolve()] = f
+    _held_locks[key] = f
 
 
 def open_run(runs_dir: str, run_name: str, resume: bool) -> tuple[Path, Optional[Path]]:
@@ -143,17 +144,14 @@ def open_run(runs_dir: str, run_name: str, resume: bool) -> tuple[Path, Optional
     --resume of a run stopped before its first checkpoint starts it again from the beginning; a run
     another process is using (lock_run_folder) is refused."""
     run_dir = Path(runs_dir) / run_name
-    if not resume:
-        if (run_dir / "args.json").exists():
-            fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
-        lock_run_folder(run_dir)
-        return run_dir, None
-    if (run_dir / "args.json").exists():
-        lock_run_folder(run_dir)
-    resume_from = latest_checkpoint(run_dir / "checkpoints")
-    if resume_from is None and not (run_dir / "args.json").exists():
+    has_run = (run_dir / "args.json").exists()
+    if not resume and has_run:
+        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-name")
+    resume_from = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and resume_from is None and not has_run:
         fail(f"--resume: no run in {run_dir}")
-    if resume_from is None:
+    lock_run_folder(run_dir)
+    if resume and resume_from is None:
         print(f"--resume: {run_dir} stopped before its first checkpoint; starting it from the beginning")
     return run_dir, resume_from
 

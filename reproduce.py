@@ -475,14 +475,14 @@ def aggregate(inputs: dict, evals: Path, out: Path, scale: str = "") -> dict:
     # A cell not yet evaluated on every one of its training seeds is shown as "-" and named under the
     # table (never a mean over fewer seeds); so is its row's Avg.
     if inputs.get("table1"):
-        per_cell = [seed_records(evals, i["evals"], f"{i['policy']}: {i['method']}") for i in inputs["table1"]]
-        missing = [f"{i['policy']}: {i['method']} on {i['task']}" for i, r in zip(inputs["table1"], per_cell) if r is None]
+        rows = [f"{i['policy']}: {i['method']}" for i in inputs["table1"]]
+        per_cell = [seed_records(evals, i["evals"], row) for i, row in zip(inputs["table1"], rows)]
+        missing = [f"{row} on {i['task']}" for i, row, r in zip(inputs["table1"], rows, per_cell) if r is None]
         if len(missing) < len(per_cell):
             records = [x for r in per_cell if r is not None for x in r]
             table = summarize(records, ddof=DDOF)
             table["not_evaluated"] = missing
-            order = list(dict.fromkeys(f"{i['policy']}: {i['method']}" for i in inputs["table1"]))
-            table["rows"].sort(key=lambda row: order.index(row["method"]))  # as planned, whichever cells are in
+            table["rows"].sort(key=lambda row: rows.index(row["method"]))  # as planned, whichever cells are in
             policies = dict.fromkeys(i["policy"] for i in inputs["table1"])
             table["comparisons"] = paired_comparisons(records, [
                 pair for p in policies for pair in ((f"{p}: RL-Co", f"{p}: SFT co-train"),
